@@ -1,0 +1,351 @@
+"""The node's settings: one ``node.toml`` (written by ``rapha node init``) parsed once.
+
+Environment overrides use the prefix ``RAPHA_NODE`` (``RAPHA_NODE_SCOPE__MAX_STUDIES=500``,
+see :mod:`rapha.config`). Relative paths, whether from the file or the environment, are
+resolved against the directory of the config file (the working directory when there is
+none); command-line flags are made absolute by the CLI before they get here.
+
+The tables::
+
+    name = "st-elsewhere-radiology"     # how the hub knows this node
+    opt_out = "opt-out.txt"             # patients who opted out (required, may be empty)
+    labels = "labels.csv"               # optional label table (AccessionNumber/StudyInstanceUID)
+    state_dir = "state"                 # the node's own records (jobs, views, lookups)
+    audit_log = "state/audit.jsonl"     # the hash-chained audit log
+    [source]                            # kind = "folder" (path) or "dicomweb" (url, [source.auth])
+    [scope]                             # rapha.pacs.scope.ScopeSettings
+    [keys]                              # hmac_key, split_key, signing_key: three distinct files
+    [ocr.disabled]                      # MODALITY = "written justification"
+    [view]                              # size, dtype, ratios
+
+Validation refuses unsafe values with a message naming the field, never the value: PACS
+credentials in a URL, plain HTTP to a remote PACS (unless explicitly allowed), TLS client
+auth over HTTP, one file used as two keys, OCR switched off without a justification.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from rapha import crypto
+from rapha.config import Settings, load_settings
+from rapha.crypto import Ed25519PrivateKey
+from rapha.errors import ConfigError, KeyFileError
+from rapha.pacs.scope import ScopeSettings
+
+__all__ = [
+    "BasicAuth",
+    "BearerAuth",
+    "DicomWebSource",
+    "FolderSource",
+    "KeySettings",
+    "NoAuth",
+    "NodeKeys",
+    "NodeSettings",
+    "OcrSettings",
+    "TlsAuth",
+    "ViewSettings",
+    "load_node_settings",
+]
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# DICOM Modality (0008,0060) is a CS value: upper-case letters, digits, space, '_' (PS3.5 §6.2).
+_MODALITY_RE = re.compile(r"[A-Z0-9_]{1,16}")
+_MIN_JUSTIFICATION = 20
+_MAX_SIDE = 4096
+_MIN_SIDE = 8
+
+
+def _read_secret_text(path: Path, what: str) -> str:
+    """Read a credential file (0600 enforced), stripped of its trailing newline."""
+    crypto.check_private_file(path)
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{what} file {path} cannot be read as UTF-8 text") from exc
+    if not value:
+        raise KeyFileError(f"{what} file {path} is empty")
+    return value
+
+
+# --- source ------------------------------------------------------------------------------
+
+
+class FolderSource(Settings):
+    """A read-only PACS mount: a directory tree of DICOM files."""
+
+    kind: Literal["folder"]
+    path: Path
+
+
+class NoAuth(Settings):
+    """No PACS authentication (a PACS on loopback, or one behind a hospital proxy)."""
+
+    kind: Literal["none"] = "none"
+
+
+class BasicAuth(Settings):
+    """HTTP Basic authentication (RFC 7617); the password is read from a 0600 file."""
+
+    kind: Literal["basic"]
+    username: str = Field(min_length=1)
+    password_file: Path
+
+    @field_validator("username")
+    @classmethod
+    def _no_colon(cls, value: str) -> str:
+        if ":" in value:
+            raise ValueError("an HTTP Basic user name cannot contain ':' (RFC 7617 §2)")
+        return value
+
+    def password(self) -> str:
+        """The password; :class:`KeyFileError` when the file is missing or readable by others."""
+        return _read_secret_text(self.password_file, "PACS password")
+
+
+class BearerAuth(Settings):
+    """A bearer token (RFC 6750) read from a 0600 file."""
+
+    kind: Literal["bearer"]
+    token_file: Path
+
+    def token(self) -> str:
+        """The token; :class:`KeyFileError` when the file is missing or readable by others."""
+        return _read_secret_text(self.token_file, "PACS token")
+
+
+class TlsAuth(Settings):
+    """A TLS client certificate, with an optional custom CA bundle for the PACS server."""
+
+    kind: Literal["tls"]
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+PacsAuth = Annotated[NoAuth | BasicAuth | BearerAuth | TlsAuth, Field(discriminator="kind")]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class DicomWebSource(Settings):
+    """Any DICOMweb PACS: QIDO-RS to search, WADO-RS to retrieve."""
+
+    kind: Literal["dicomweb"]
+    url: str
+    auth: PacsAuth = NoAuth()
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+    #: Plain HTTP to a PACS that is not on this machine sends PHI in clear; off by default.
+    allow_insecure_http: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url_shape(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not contain credentials; put them in [source.auth]")
+        if parts.query or parts.fragment:
+            raise ValueError("must be the DICOMweb base URL, without a query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _transport_is_safe(self) -> Self:
+        parts = urlsplit(self.url)
+        if parts.scheme == "https":
+            return self
+        if isinstance(self.auth, TlsAuth):
+            raise ValueError("url: a TLS client certificate needs an https:// URL")
+        if not _is_loopback(parts.hostname or "") and not self.allow_insecure_http:
+            raise ValueError(
+                "url: plain http:// to a PACS on another host sends PHI (and credentials) in "
+                "clear; use https://, or set allow_insecure_http = true if the network is "
+                "trusted"
+            )
+        return self
+
+
+Source = Annotated[FolderSource | DicomWebSource, Field(discriminator="kind")]
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """The node's loaded keys. Never logged; ``repr`` shows no key material."""
+
+    hmac_key: bytes = field(repr=False)
+    split_key: bytes = field(repr=False)
+    signing_key: Ed25519PrivateKey = field(repr=False)
+
+
+class KeySettings(Settings):
+    """Paths of the node's three keys: three different files, all 0600."""
+
+    #: 32-byte HMAC-SHA256 key for pseudonyms (rotating it changes every pseudonym).
+    hmac_key: Path
+    #: 32-byte key assigning patients to train/val/test, separate so rotation is independent.
+    split_key: Path
+    #: Ed25519 PKCS#8 PEM key signing the audit log and receipts.
+    signing_key: Path
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        paths = [os.path.normpath(p) for p in (self.hmac_key, self.split_key, self.signing_key)]
+        if len(set(paths)) != 3:
+            raise ValueError("hmac_key, split_key and signing_key must be three different files")
+        return self
+
+    def load(self) -> NodeKeys:
+        """Load and check all three keys (:class:`KeyFileError` naming the file at fault)."""
+        hmac_key = crypto.load_secret(self.hmac_key, length=32)
+        split_key = crypto.load_secret(self.split_key, length=32)
+        if hmac_key == split_key:
+            raise KeyFileError(
+                f"{self.split_key} holds the same bytes as {self.hmac_key}; the split key "
+                "must be a separate secret (`rapha node init` makes both)"
+            )
+        return NodeKeys(hmac_key, split_key, crypto.load_private_key(self.signing_key))
+
+
+# --- OCR and view defaults ---------------------------------------------------------------
+
+
+class OcrSettings(Settings):
+    """Burned-in text OCR: on for every in-scope modality unless switched off in writing."""
+
+    #: Modality code → why OCR is not needed for it (at least 20 characters).
+    disabled: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("disabled")
+    @classmethod
+    def _justified(cls, value: dict[str, str]) -> dict[str, str]:
+        for modality, why in value.items():
+            if not _MODALITY_RE.fullmatch(modality):
+                raise ValueError(
+                    "keys must be upper-case DICOM modality codes such as DX (PS3.3 C.7.3.1.1.1)"
+                )
+            if len(why.strip()) < _MIN_JUSTIFICATION:
+                raise ValueError(
+                    f"switching OCR off for {modality} needs a written justification of at "
+                    f"least {_MIN_JUSTIFICATION} characters"
+                )
+        return value
+
+
+class ViewSettings(Settings):
+    """Defaults for the view a job gets; a job may ask for another size or dtype."""
+
+    size: tuple[int, int] = (224, 224)
+    dtype: Literal["uint8", "uint16", "float16"] = "uint8"
+    #: train, val, test shares of patients; they sum to 1.
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not all(_MIN_SIDE <= side <= _MAX_SIDE for side in value):
+            raise ValueError(f"each side must be between {_MIN_SIDE} and {_MAX_SIDE} pixels")
+        return value
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError("train, val and test ratios must be non-negative and sum to 1")
+        if value[0] <= 0 or value[2] <= 0:
+            raise ValueError("the train and test ratios must be above 0")
+        return value
+
+
+# --- the node ----------------------------------------------------------------------------
+
+
+class NodeSettings(Settings):
+    """Everything a hospital node needs, from ``node.toml`` and ``RAPHA_NODE_*``."""
+
+    env_prefix: ClassVar[str] = "RAPHA_NODE"
+
+    name: str
+    source: Source
+    scope: ScopeSettings
+    keys: KeySettings
+    opt_out: Path
+    labels: Path | None = None
+    ocr: OcrSettings = OcrSettings()
+    view: ViewSettings = ViewSettings()
+    state_dir: Path
+    audit_log: Path
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError(
+                "must be 1-63 lower-case letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ocr_names_scoped_modalities(self) -> Self:
+        unknown = sorted(set(self.ocr.disabled) - set(self.scope.modalities))
+        if unknown:
+            raise ValueError(
+                f"ocr.disabled names {', '.join(unknown)}, not in scope.modalities "
+                "(a typo would leave OCR on where you meant it off, or the reverse)"
+            )
+        return self
+
+    def ocr_modalities(self) -> frozenset[str]:
+        """In-scope modalities OCR runs on: all of them but those disabled in writing."""
+        return frozenset(self.scope.modalities) - frozenset(self.ocr.disabled)
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> BaseModel:
+    """Return ``model`` with every relative :class:`Path` (nested too) joined to ``base``."""
+    changes: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            value = value.expanduser()
+            changes[name] = value if value.is_absolute() else base / value
+        elif isinstance(value, BaseModel):
+            changes[name] = _resolve_paths(value, base)
+    return model.model_copy(update=changes)
+
+
+def load_node_settings(
+    path: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeSettings:
+    """Load ``node.toml`` (plus environment and overrides) with paths made absolute.
+
+    Raises :class:`ConfigError` listing every bad field.
+    """
+    settings = load_settings(NodeSettings, path, env=env, overrides=overrides)
+    base = path.resolve().parent if path is not None else Path.cwd()
+    resolved = _resolve_paths(settings, base)
+    if not isinstance(resolved, NodeSettings):  # pragma: no cover - model_copy keeps the type
+        raise ConfigError("internal error: settings changed type while resolving paths")
+    return resolved

@@ -1,0 +1,272 @@
+"""``rapha node init`` and ``rapha node audit verify``: files, modes, refusals, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rapha import crypto
+from rapha.audit import verify_log
+from rapha.cli import app
+from rapha.errors import ExitCode
+from rapha.node.optout import load_opt_out
+from rapha.node.settings import DicomWebSource, FolderSource, load_node_settings
+
+runner = CliRunner()
+
+KEYS = ("keys/hmac.key", "keys/split.key", "keys/node.key")
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "node"
+    result = runner.invoke(app, ["node", "init", "--dir", str(directory), "--name", "test-node"])
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# --- init --------------------------------------------------------------------------------
+
+
+def test_init_writes_keys_0600_and_private_directories(node_dir: Path) -> None:
+    for rel in (*KEYS, "opt-out.txt"):
+        assert _mode(node_dir / rel) == 0o600, rel
+    assert _mode(node_dir / "keys") == 0o700
+    assert _mode(node_dir / "state") == 0o700
+    assert len(crypto.load_secret(node_dir / "keys/hmac.key", length=32)) == 32
+    assert crypto.load_secret(node_dir / "keys/hmac.key", length=32) != crypto.load_secret(
+        node_dir / "keys/split.key", length=32
+    )
+    key = crypto.load_private_key(node_dir / "keys/node.key")
+    pub = crypto.load_public_key(node_dir / "keys/node.key.pub")
+    assert crypto.public_key_bytes(pub) == crypto.public_key_bytes(key.public_key())
+
+
+def test_init_config_loads_into_node_settings(node_dir: Path) -> None:
+    settings = load_node_settings(node_dir / "node.toml", env={})
+
+    scope = settings.scope.to_scope()
+    assert settings.name == "test-node"
+    assert isinstance(settings.source, FolderSource)
+    assert scope.modalities == frozenset({"DX", "CR"})
+    assert scope.body_parts == frozenset({"CHEST"})
+    assert scope.max_studies == 1000
+    assert scope.date_from < scope.date_to
+    assert settings.ocr_modalities() == frozenset({"DX", "CR"})
+    assert settings.keys.load().hmac_key == (node_dir / "keys/hmac.key").read_bytes()
+    assert len(load_opt_out(settings.opt_out)) == 0
+    assert settings.audit_log == node_dir.resolve() / "state/audit.jsonl"
+
+
+def test_init_explains_every_key_in_comments(node_dir: Path) -> None:
+    lines = (node_dir / "node.toml").read_text().splitlines()
+
+    unexplained = [
+        line
+        for i, line in enumerate(lines)
+        if "=" in line
+        and not line.lstrip().startswith("#")
+        and "#" not in line
+        and not lines[i - 1].lstrip().startswith(("#", "["))
+    ]
+    assert unexplained == []
+
+
+def test_init_starts_an_audit_log_that_verifies(node_dir: Path) -> None:
+    pub = crypto.load_public_key(node_dir / "keys/node.key.pub")
+
+    verdict = verify_log(node_dir / "state/audit.jsonl", pub)
+
+    events = [
+        json.loads(line)["event"]
+        for line in (node_dir / "state/audit.jsonl").read_text().splitlines()
+    ]
+    assert verdict.entries == 2
+    assert events == ["audit.genesis", "node.init"]
+
+
+def test_init_says_what_to_do_next(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["node", "init", "--dir", str(tmp_path / "n")])
+
+    assert result.exit_code == 0, result.output
+    assert "Next" in result.output
+    assert "rapha node audit verify --config" in result.output
+
+
+def test_init_with_a_dicomweb_url_writes_a_dicomweb_source(tmp_path: Path) -> None:
+    directory = tmp_path / "n"
+
+    result = runner.invoke(
+        app, ["node", "init", "--dir", str(directory), "--source", "http://127.0.0.1:8042/dw"]
+    )
+
+    assert result.exit_code == 0, result.output
+    source = load_node_settings(directory / "node.toml", env={}).source
+    assert isinstance(source, DicomWebSource)
+    assert source.url == "http://127.0.0.1:8042/dw"
+
+
+def test_init_with_a_relative_folder_writes_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = runner.invoke(app, ["node", "init", "--dir", "n", "--source", "archive/dicom"])
+
+    assert result.exit_code == 0, result.output
+    source = load_node_settings(tmp_path / "n/node.toml", env={}).source
+    assert source == FolderSource(kind="folder", path=tmp_path / "archive/dicom")
+
+
+def test_init_refuses_to_clobber_a_node(node_dir: Path) -> None:
+    before = {rel: (node_dir / rel).read_bytes() for rel in (*KEYS, "node.toml")}
+
+    result = runner.invoke(app, ["node", "init", "--dir", str(node_dir)])
+
+    assert result.exit_code == ExitCode.KEY_FILE
+    assert "refusing to overwrite" in result.output
+    assert "Traceback" not in result.output
+    assert {rel: (node_dir / rel).read_bytes() for rel in before} == before
+
+
+def test_init_force_rewrites_the_config_and_keeps_keys(node_dir: Path) -> None:
+    keys_before = {rel: (node_dir / rel).read_bytes() for rel in KEYS}
+    (node_dir / "node.toml").write_text("broken = [")
+    (node_dir / "keys/node.key.pub").unlink()
+
+    result = runner.invoke(app, ["node", "init", "--dir", str(node_dir), "--force"])
+
+    assert result.exit_code == 0, result.output
+    assert {rel: (node_dir / rel).read_bytes() for rel in KEYS} == keys_before
+    assert load_node_settings(node_dir / "node.toml", env={}).name == "rapha-node"
+    pub = crypto.load_public_key(node_dir / "keys/node.key.pub")
+    assert verify_log(node_dir / "state/audit.jsonl", pub).entries == 3
+
+
+def test_init_force_refuses_an_audit_log_whose_key_is_gone(node_dir: Path) -> None:
+    (node_dir / "keys/node.key").unlink()
+
+    result = runner.invoke(app, ["node", "init", "--dir", str(node_dir), "--force"])
+
+    assert result.exit_code == ExitCode.KEY_FILE
+    assert not (node_dir / "keys/node.key").exists()
+
+
+# --- audit verify ------------------------------------------------------------------------
+
+
+def test_audit_verify_with_the_config(node_dir: Path) -> None:
+    result = runner.invoke(
+        app, ["node", "audit", "verify", "--config", str(node_dir / "node.toml")]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "verifies" in result.output
+    assert "entries: 2" in result.output
+
+
+def test_audit_verify_json_with_log_and_public_key(node_dir: Path) -> None:
+    log = node_dir / "state/audit.jsonl"
+    pub = node_dir / "keys/node.key.pub"
+
+    result = runner.invoke(
+        app, ["node", "audit", "verify", "--log", str(log), "--public-key", str(pub), "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["ok"] is True
+    assert verdict["entries"] == 2
+    assert verdict["head"] == verify_log(log, crypto.load_public_key(pub)).head
+
+
+def test_audit_verify_exits_4_on_a_tampered_line(node_dir: Path) -> None:
+    log = node_dir / "state/audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"node.init"', b'"node.tidy"')
+    log.write_bytes(b"".join(lines))
+
+    plain = runner.invoke(app, ["node", "audit", "verify", "--config", str(node_dir / "node.toml")])
+    as_json = runner.invoke(
+        app, ["node", "audit", "verify", "--config", str(node_dir / "node.toml"), "--json"]
+    )
+
+    assert plain.exit_code == ExitCode.INTEGRITY
+    assert "line 2" in plain.output
+    assert "Traceback" not in plain.output
+    assert as_json.exit_code == ExitCode.INTEGRITY
+    assert json.loads(as_json.stdout)["ok"] is False
+    assert "line 2" in json.loads(as_json.stdout)["error"]
+
+
+def test_audit_verify_exits_4_on_a_removed_tail_against_its_anchor(node_dir: Path) -> None:
+    log = node_dir / "state/audit.jsonl"
+    pub = crypto.load_public_key(node_dir / "keys/node.key.pub")
+    anchor = verify_log(log, pub)
+    log.write_bytes(log.read_bytes().splitlines(keepends=True)[0])
+    config = str(node_dir / "node.toml")
+
+    unanchored = runner.invoke(app, ["node", "audit", "verify", "--config", config])
+    anchored = runner.invoke(
+        app,
+        ["node", "audit", "verify", "--config", config, "--head", anchor.head, "--count", "2"],
+    )
+
+    assert unanchored.exit_code == 0
+    assert anchored.exit_code == ExitCode.INTEGRITY
+    assert "removed" in anchored.output
+
+
+def test_audit_verify_exits_4_under_another_public_key(node_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.pub"
+    crypto.save_public_key(crypto.generate_private_key().public_key(), other)
+    log = node_dir / "state/audit.jsonl"
+
+    result = runner.invoke(
+        app, ["node", "audit", "verify", "--log", str(log), "--public-key", str(other)]
+    )
+
+    assert result.exit_code == ExitCode.INTEGRITY
+    assert "signature does not verify" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--log", "audit.jsonl"],
+        ["--config", "node.toml", "--log", "audit.jsonl"],
+    ],
+)
+def test_audit_verify_needs_a_config_or_a_log_and_key(node_dir: Path, args: list[str]) -> None:
+    result = runner.invoke(app, ["node", "audit", "verify", *args])
+
+    assert result.exit_code == ExitCode.CONFIG
+    assert "--config" in result.output
+
+
+def test_audit_verify_exit_code_reaches_the_shell(node_dir: Path) -> None:
+    log = node_dir / "state/audit.jsonl"
+    log.write_bytes(log.read_bytes()[:-5])  # a torn last line
+    rapha = Path(sys.executable).parent / "rapha"
+
+    proc = subprocess.run(
+        [str(rapha), "node", "audit", "verify", "--config", str(node_dir / "node.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+    assert proc.returncode == ExitCode.INTEGRITY
+    assert "incomplete" in proc.stderr
