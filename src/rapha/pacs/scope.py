@@ -45,6 +45,7 @@ __all__ = [
     "ScopeSettings",
     "StudyQuery",
     "check_query",
+    "describe_query",
     "dicom_date_range",
     "queries_for",
     "usable_uid",
@@ -214,16 +215,9 @@ class StudyQuery:
         params.update(self.extra)
         return params
 
-    def describe(self) -> dict[str, str | int | list[str]]:
-        """A PHI-free description for the audit log: the scope of the query, no values from
-        the allow-lists (only which keys were used)."""
-        return {
-            "modality": self.modality,
-            "study_date": dicom_date_range(self.date_from, self.date_to),
-            "limit": self.limit,
-            "offset": self.offset,
-            "allow_list_keys": sorted(self.extra),
-        }
+    def describe(self) -> dict[str, str | list[str]]:
+        """See :func:`describe_query`."""
+        return describe_query(self)
 
 
 def queries_for(scope: Scope, *, limit: int | None = None) -> list[StudyQuery]:
@@ -261,6 +255,20 @@ def usable_uid(uid: str | None) -> bool:
     real archives hold (hex digests, longer than 64), but only characters that are safe in
     a URL path, since QIDO-RS and WADO-RS put UIDs into paths."""
     return uid is not None and _USABLE_UID.fullmatch(uid) is not None
+
+
+def describe_query(query: StudyQuery | Mapping[str, str]) -> dict[str, str | list[str]]:
+    """A PHI-free description of a study query for the audit log: its scope (modality,
+    date range, limit, offset) and which allow-list keys it used, never their values."""
+    params = query.params() if isinstance(query, StudyQuery) else dict(query)
+    identifying = _ACCESSION_KEYS + _STUDY_UID_KEYS
+    return {
+        "modality": next((params[k] for k in _MODALITY_KEYS if k in params), ""),
+        "study_date": next((params[k] for k in _DATE_KEYS if k in params), ""),
+        "limit": params.get("limit", ""),
+        "offset": params.get("offset", "0"),
+        "allow_list_keys": sorted(k for k in params if k in identifying),
+    }
 
 
 def _has_wildcard(value: str) -> bool:
