@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from rapha import crypto
 from rapha.audit import verify_log
 from rapha.cli import app
+from rapha.dataset import verify_view
 from rapha.errors import ExitCode
 from rapha.node.optout import load_opt_out
 from rapha.node.settings import DicomWebSource, FolderSource, load_node_settings
@@ -270,3 +272,206 @@ def test_audit_verify_exit_code_reaches_the_shell(node_dir: Path) -> None:
 
     assert proc.returncode == ExitCode.INTEGRITY
     assert "incomplete" in proc.stderr
+
+
+# --- preview, profile, lookup on a synthetic archive --------------------------------------
+
+ARCHIVE_STUDIES = 20  # 14 chest radiograph studies: enough records for a k = 10 profile
+ARCHIVE_SIZE = 256  # OCR reads the archive's burned-in text at this size, not at 64
+
+
+@pytest.fixture(scope="module")
+def chest_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rapha.demo.archive import generate_archive
+
+    root = tmp_path_factory.mktemp("cli-archive") / "archive"
+    generate_archive(root, studies=ARCHIVE_STUDIES, seed=4, size_range=(ARCHIVE_SIZE, ARCHIVE_SIZE))
+    return root
+
+
+def _edit_for(directory: Path, archive: Path, *, labels: bool = True) -> Path:
+    """What a hospital does after `rapha node init`: widen the date window to its archive
+    (the generator's studies start in 2016) and name its label table."""
+    config = directory / "node.toml"
+    text = re.sub(r"(?m)^date_from = \S+", "date_from = 2015-01-01", config.read_text())
+    if labels:
+        text = text.replace('# labels = "labels.csv"', f'labels = "{archive / "labels.csv"}"')
+    config.write_text(text)
+    return config
+
+
+def _init(directory: Path, source: Path | None) -> None:
+    args = ["node", "init", "--dir", str(directory)]
+    result = runner.invoke(app, [*args, "--source", str(source)] if source else args)
+    assert result.exit_code == 0, result.output
+
+
+def _record_ids(view: Path) -> set[str]:
+    return {
+        json.loads(line)["record_id"]
+        for split in ("train", "val", "test")
+        for line in (view / split / "records.jsonl").read_text().splitlines()
+    }
+
+
+def test_preview_builds_the_view_a_job_would_get(tmp_path: Path, chest_archive: Path) -> None:
+    _init(tmp_path / "node", chest_archive / "dicom")
+    config = _edit_for(tmp_path / "node", chest_archive)
+    view = tmp_path / "view"
+
+    first = runner.invoke(app, ["node", "preview", "--config", str(config), "--out", str(view)])
+    again = runner.invoke(
+        app,
+        ["node", "preview", "--config", str(config), "--out", str(tmp_path / "again"), "--json"],
+    )
+
+    assert first.exit_code == 0, first.output
+    digest = verify_view(view)
+    for heading in ("records per split", "excluded, by reason", "labels (all splits)"):
+        assert heading in first.output
+    assert digest in first.output
+    assert str(view) in first.output
+    document = json.loads((view / "view.json").read_text())
+    assert document["params"]["job_salt_id"] == "preview"
+    assert document["label_names"] == ["effusion", "pneumothorax", "nodule"]
+    private = sorted((tmp_path / "node/state/private").glob("preview-*/test-labels.json"))
+    assert len(private) == 2
+    assert not list(view.rglob("test-labels.json"))
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["records"] == sum(document["counts"].values())
+    assert summary["exclusions"] == document["exclusions"]
+    assert _record_ids(view).isdisjoint(_record_ids(tmp_path / "again"))  # a fresh salt each time
+    verdict = runner.invoke(app, ["node", "audit", "verify", "--config", str(config), "--json"])
+    assert verdict.exit_code == 0, verdict.output
+
+
+def test_preview_flags_override_the_config(tmp_path: Path, chest_archive: Path) -> None:
+    _init(tmp_path / "node", None)  # the placeholder source /mnt/pacs, no labels
+    config = _edit_for(tmp_path / "node", chest_archive, labels=False)
+    other_key = tmp_path / "other-hmac.key"
+    crypto.write_secret(other_key, bytes(range(32)))
+    truth = json.loads((chest_archive / "truth.json").read_text())
+    patients = {s["patient_id"] for s in truth["studies"] if s["chest_radiograph"]}
+
+    result = runner.invoke(
+        app,
+        [
+            "node",
+            "preview",
+            "--config",
+            str(config),
+            "--source",
+            str(chest_archive / "dicom"),
+            "--labels",
+            str(chest_archive / "labels.csv"),
+            "--hmac-key",
+            str(other_key),
+            "--out",
+            str(tmp_path / "view"),
+            "--json",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["records"] > 10
+    assert set(summary["prevalence"]) == {"effusion", "pneumothorax", "nodule"}
+    # The register holds pseudonyms under the key the view was built with; the node's
+    # own key cannot find those patients, so a lookup under it says none.
+    lookups = [
+        json.loads(
+            runner.invoke(
+                app, ["node", "lookup", "--config", str(config), "--patient-id", pid, "--json"]
+            ).stdout
+        )
+        for pid in sorted(patients)
+    ]
+    assert all(answer["uses"] == [] for answer in lookups)
+
+
+def test_preview_refuses_an_existing_view_unless_forced(
+    tmp_path: Path, chest_archive: Path
+) -> None:
+    _init(tmp_path / "node", chest_archive / "dicom")
+    config = _edit_for(tmp_path / "node", chest_archive)
+    view = tmp_path / "view"
+    view.mkdir()
+    (view / "notes.txt").write_text("someone else's file")
+
+    refused = runner.invoke(app, ["node", "preview", "--config", str(config), "--out", str(view)])
+
+    assert refused.exit_code == ExitCode.CONFIG
+    assert "not empty" in refused.output
+    assert (view / "notes.txt").exists()
+
+
+def test_lookup_answers_from_the_node_records(tmp_path: Path, chest_archive: Path) -> None:
+    _init(tmp_path / "node", chest_archive / "dicom")
+    config = _edit_for(tmp_path / "node", chest_archive)
+    truth = json.loads((chest_archive / "truth.json").read_text())
+    patient = next(s["patient_id"] for s in truth["studies"] if s["chest_radiograph"])
+    opt_out = tmp_path / "node/opt-out.txt"
+    opt_out.write_text(opt_out.read_text() + f"{patient}\n")
+    other = next(
+        s["patient_id"]
+        for s in truth["studies"]
+        if s["chest_radiograph"] and s["patient_id"] != patient and not s["burned_in"]
+    )
+    view = tmp_path / "view"
+    built = runner.invoke(app, ["node", "preview", "--config", str(config), "--out", str(view)])
+    assert built.exit_code == 0, built.output
+
+    used = runner.invoke(app, ["node", "lookup", "--config", str(config), "--patient-id", other])
+    opted = runner.invoke(app, ["node", "lookup", "--config", str(config), "--patient-id", patient])
+    unknown = runner.invoke(
+        app, ["node", "lookup", "--config", str(config), "--patient-id", "NOT-A-PATIENT-1"]
+    )
+
+    assert used.exit_code == 0, used.output
+    assert "preview" in used.output
+    assert verify_view(view)[:12] in used.output
+    assert opted.exit_code == 0, opted.output
+    assert "none" in opted.output
+    assert "opt-out list" in opted.output
+    assert unknown.exit_code == 0
+    assert "none" in unknown.output
+    assert "NOT-A-PATIENT-1" not in unknown.output
+
+
+def test_profile_prints_rounded_suppressed_counts(tmp_path: Path, chest_archive: Path) -> None:
+    _init(tmp_path / "node", chest_archive / "dicom")
+    config = _edit_for(tmp_path / "node", chest_archive)
+    before = verify_log(
+        tmp_path / "node/state/audit.jsonl",
+        crypto.load_public_key(tmp_path / "node/keys/node.key.pub"),
+    )
+
+    as_json = runner.invoke(app, ["node", "profile", "--config", str(config), "--json"])
+    strict = runner.invoke(app, ["node", "profile", "--config", str(config), "--k", "1000"])
+
+    assert as_json.exit_code == 0, as_json.output
+    result = json.loads(as_json.stdout)
+    assert result["k"] == 10
+    assert result["total"] is not None
+    assert result["total"] % 5 == 0
+    assert set(result["dimensions"]) == {
+        "modality",
+        "body_part",
+        "view",
+        "manufacturer",
+        "sex",
+        "age_band",
+    }
+    cells = [c for d in result["dimensions"].values() for c in d["cells"].values()]
+    assert all(c is None or (c >= 10 and c % 5 == 0) for c in cells)
+    assert set(result["labels"]["positives"]) == {"effusion", "pneumothorax", "nodule"}
+    assert strict.exit_code == 0, strict.output
+    assert "total: withheld" in strict.output
+    after = verify_log(
+        tmp_path / "node/state/audit.jsonl",
+        crypto.load_public_key(tmp_path / "node/keys/node.key.pub"),
+    )
+    assert after.entries > before.entries
+    assert not (tmp_path / "node/state/lookup-register.jsonl").exists()  # nobody got a view
+    assert not list((tmp_path / "node/state").glob(".profile-*"))

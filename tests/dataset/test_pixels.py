@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -382,6 +383,149 @@ def test_signed_pixels_use_their_sign() -> None:
     np.testing.assert_allclose(image, [[0.0, 0.5, 1.0]], atol=1e-6)
 
 
+# --- the direct (linear) path against the table path ----------------------------------------
+
+
+def _through_the_table(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` with an all-zero VOI LUT item, which is unusable and so ignored.
+
+    The image is the same by definition, but such a dataset is displayed through the
+    table path (one lookup per stored value) instead of the direct per-pixel arithmetic
+    used for a rescale and a linear window.
+    """
+    routed = copy.deepcopy(ds)
+    item = Dataset()
+    item.LUTDescriptor = [2, 0, 16]
+    item.LUTData = [0, 0]
+    routed.VOILUTSequence = Sequence([item])
+    return routed
+
+
+REAL_GREY = [
+    "RG1_UNCR.dcm",  # MONOCHROME1 CR, window, 15 of 16 bits stored
+    "RG3_UNCR.dcm",  # MONOCHROME1 CR, 10 bits stored
+    "RG1_J2KR.dcm",  # MONOCHROME1, JPEG 2000
+    "MR2_UNCR.dcm",  # fractional rescale slope and intercept
+    "693_UNCR.dcm",  # signed CT, rescale and window
+    "CT_small.dcm",  # rescale, no window: the image's own range
+    "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm",
+    "image_dfl.dcm",  # 8-bit, deflated, no window
+    "JPGExtended.dcm",
+    "liver_1frame.dcm",
+]
+
+
+@pytest.mark.parametrize("name", REAL_GREY)
+def test_real_images_look_the_same_through_the_table(name: str) -> None:
+    # Prepare
+    path = next((p for p in SAMPLES if p.name == name), None)
+    if path is None:
+        pytest.skip(f"{name} is not installed (pydicom-data)")
+    ds = _read(path)
+    routed = _through_the_table(ds)
+
+    # Execute
+    direct = to_display(ds)
+    table = to_display(routed)
+
+    # Assert
+    assert direct.dtype == table.dtype == np.float32
+    np.testing.assert_allclose(direct, table, rtol=0, atol=1e-6)
+    assert 0.0 <= direct.min() <= direct.max() <= 1.0
+
+
+SIGNED = RAMP.astype(np.int16) - 2000
+TABLE_CASES: list[tuple[str, NDArray[np.integer], dict[str, object]]] = [
+    ("range", RAMP, {}),
+    ("range, MONOCHROME1", RAMP, {"PhotometricInterpretation": "MONOCHROME1"}),
+    ("range, negative slope", RAMP, {"RescaleSlope": -0.5, "RescaleIntercept": 7}),
+    ("linear", RAMP, {"WindowCenter": 1000, "WindowWidth": 200}),
+    (
+        "linear, MONOCHROME1",
+        RAMP,
+        {"WindowCenter": 1000, "WindowWidth": 201, "PhotometricInterpretation": "MONOCHROME1"},
+    ),
+    (
+        "linear, inverse shape",
+        RAMP,
+        {"WindowCenter": 2000, "WindowWidth": 3000, "PresentationLUTShape": "INVERSE"},
+    ),
+    (
+        "linear exact",
+        RAMP,
+        {"WindowCenter": 1000.25, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
+    ),
+    ("narrow window far from zero", RAMP, {"WindowCenter": 3000.3, "WindowWidth": 7}),
+    (
+        "rescaled, signed",
+        SIGNED,
+        {
+            "RescaleSlope": 0.37,
+            "RescaleIntercept": -1024.6,
+            "WindowCenter": -1500,
+            "WindowWidth": 400,
+        },
+    ),
+    (
+        "rescaled, negative slope",
+        RAMP,
+        {
+            "RescaleSlope": -2,
+            "RescaleIntercept": 100,
+            "WindowCenter": -3000,
+            "WindowWidth": 900,
+            "VOILUTFunction": "LINEAR_EXACT",
+        },
+    ),
+    ("second window", RAMP, {"WindowCenter": [1000, 3000], "WindowWidth": [0, 400]}),
+    ("window beyond the data", RAMP, {"WindowCenter": 9000, "WindowWidth": 100}),
+    ("step (width 1)", RAMP, {"WindowCenter": 2000, "WindowWidth": 1}),
+    ("sigmoid", RAMP, {"WindowCenter": 2000, "WindowWidth": 400, "VOILUTFunction": "SIGMOID"}),
+    ("8-bit", (RAMP % 256).astype(np.uint8), {"WindowCenter": 100, "WindowWidth": 50}),
+]
+
+
+@pytest.mark.parametrize(
+    ("pixels", "attributes"),
+    [(pixels, attributes) for _, pixels, attributes in TABLE_CASES],
+    ids=[case for case, _, _ in TABLE_CASES],
+)
+def test_rescale_and_window_variants_look_the_same_through_the_table(
+    pixels: NDArray[np.integer], attributes: dict[str, object]
+) -> None:
+    # Prepare
+    ds = _grey(pixels, bits_stored=8 if pixels.dtype.itemsize == 1 else 12)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+
+    # Execute
+    direct = to_display(ds)
+    table = to_display(_through_the_table(ds))
+
+    # Assert
+    np.testing.assert_allclose(direct, table, rtol=0, atol=1e-6)
+    assert 0.0 <= direct.min() <= direct.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("clean", "bits"),
+    [(RAMP, 12), ((RAMP.astype(np.int16) - 2048), 12)],
+    ids=["unsigned", "signed"],
+)
+def test_bits_above_bits_stored_are_ignored(clean: NDArray[np.integer], bits: int) -> None:
+    # Prepare: the same values with the 4 unused high bits flipped (PS3.5 8.1.1).
+    reference = _grey(clean, bits_stored=bits, WindowCenter=100, WindowWidth=3000)
+    dirty = _grey(clean, bits_stored=bits, WindowCenter=100, WindowWidth=3000)
+    dirty.PixelData = (clean.view(np.uint16) ^ np.uint16(0xF000)).tobytes()
+
+    # Execute
+    image = to_display(dirty)
+
+    # Assert
+    np.testing.assert_array_equal(image, to_display(reference))
+
+
 # --- resampling and storage -----------------------------------------------------------------
 
 
@@ -448,6 +592,82 @@ def test_resample_is_deterministic_and_keeps_the_unit_range() -> None:
     assert first.min() >= 0.0
     assert first.max() <= 1.0
     assert first.mean() == pytest.approx(image.mean(), abs=1e-3)
+
+
+def _area_reference(n: int, out: int) -> NDArray[np.float64]:
+    """The exact area weights: overlap of each input pixel with each output bin, in float64."""
+    edges = np.arange(out + 1) * n / out
+    pixel = np.arange(n)
+    overlap = np.minimum(edges[1:, None], pixel + 1) - np.maximum(edges[:-1, None], pixel)
+    weights: NDArray[np.float64] = np.clip(overlap, 0.0, None) * out / n
+    return weights
+
+
+def test_downscale_by_integer_factors_matches_torch_area() -> None:
+    # Prepare
+    torch = pytest.importorskip("torch")
+    image = np.random.default_rng(11).random((448, 672), dtype=np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(image)[None, None], size=(224, 224), mode="area"
+    )[0, 0].numpy()
+
+    # Execute
+    out = resample(image, (224, 224))
+
+    # Assert
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((1955, 1841), (224, 224)),
+        ((517, 389), (64, 80)),
+        ((2000, 300), (7, 250)),
+        ((1760, 1760), (3, 1)),
+    ],
+    ids=["radiograph", "small", "mixed", "more-than-15x"],
+)
+def test_downscale_is_the_exact_area_mean(shape: tuple[int, int], size: tuple[int, int]) -> None:
+    # Prepare
+    image = np.random.default_rng(5).random(shape, dtype=np.float32)
+    rows, columns = _area_reference(shape[0], size[0]), _area_reference(shape[1], size[1])
+
+    # Execute
+    out = resample(image, size)
+
+    # Assert
+    expected = rows @ image.astype(np.float64) @ columns.T
+    assert out.shape == size
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (97, 301), (1, 1), (300, 2)])
+def test_white_stays_white_and_nothing_leaves_the_unit_range(size: tuple[int, int]) -> None:
+    # Prepare: saturated areas are where rounding could overshoot 1.
+    ones = np.ones((1955, 1841), dtype=np.float32)
+    half = ones.copy()
+    half[:, ::2] = 0.0
+
+    # Execute
+    white = resample(ones, size)
+    mixed = resample(half, size)
+
+    # Assert
+    assert np.all(white == 1.0)
+    assert 0.0 <= mixed.min() <= mixed.max() <= 1.0
+
+
+def test_resample_to_the_same_size_returns_a_copy() -> None:
+    # Prepare
+    image = np.random.default_rng(2).random((40, 30), dtype=np.float32)
+
+    # Execute
+    out = resample(image, (40, 30))
+
+    # Assert
+    np.testing.assert_array_equal(out, image)
+    assert not np.shares_memory(out, image)
 
 
 @pytest.mark.parametrize("dtype", list(PixelDType))

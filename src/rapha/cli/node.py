@@ -1,7 +1,10 @@
 """``rapha node …``: what a hospital's IT team and data-protection officer type.
 
-Exit codes are those of :class:`rapha.errors.ExitCode`; ``rapha node audit verify`` exits 4
-when the audit log was tampered with (or does not match the anchor given).
+``init`` sets a node up; ``preview`` builds the view a job would get; ``profile`` prints
+the aggregate profile the hub would see; ``lookup`` answers a data-subject request;
+``audit verify`` checks the audit log. Exit codes are those of
+:class:`rapha.errors.ExitCode`; ``rapha node audit verify`` exits 4 when the audit log was
+tampered with (or does not match the anchor given).
 """
 
 from __future__ import annotations
@@ -12,15 +15,21 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rapha import crypto
-from rapha.audit import AuditVerdict, verify_log
+from rapha.audit import AuditLog, AuditVerdict, verify_log
 from rapha.cli._app import err_console, new_app
 from rapha.crypto import Ed25519PublicKey
 from rapha.errors import IntegrityError, UsageError
 from rapha.node.bootstrap import init_node
-from rapha.node.settings import load_node_settings
+from rapha.node.optout import load_opt_out
+from rapha.node.pipeline import BuildProgress
+from rapha.node.preview import PreviewResult, preview_view, profile_node, with_overrides
+from rapha.node.register import lookup_patient
+from rapha.node.settings import NodeSettings, load_node_settings
+from rapha.privacy import Pseudonymizer
 
 __all__ = ["app"]
 
@@ -149,3 +158,226 @@ def _print_verdict(path: Path, verdict: AuditVerdict, *, anchored: bool, as_json
             "--count from a receipt or heartbeat[/]",
             highlight=False,
         )
+
+
+# --- preview, profile, lookup --------------------------------------------------------------
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", help="The node's node.toml (written by rapha node init).")
+]
+SourceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--source", help="Read this folder or DICOMweb URL instead of the configured PACS."
+    ),
+]
+LabelsOption = Annotated[
+    Path | None, typer.Option("--labels", help="Use this label CSV instead of the configured one.")
+]
+HmacKeyOption = Annotated[
+    Path | None,
+    typer.Option("--hmac-key", help="Use this 32-byte pseudonym key file (0600) instead."),
+]
+
+
+def _show(title: str, table: Table) -> None:
+    """Print ``table`` under a bold heading of its own (a table title would wrap to the
+    width of a narrow table)."""
+    console.print(f"[bold]{title}[/]", highlight=False)
+    console.print(table)
+
+
+def _settings(
+    config: Path, source: str | None, labels: Path | None, hmac_key: Path | None
+) -> NodeSettings:
+    return with_overrides(
+        load_node_settings(config), source=source, labels=labels, hmac_key=hmac_key
+    )
+
+
+class _BuildBar:
+    """Rich progress for a view build, on stderr (stdout stays for results and --json)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("studies · {task.fields[instances]} images · {task.fields[records]} kept"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("reading the PACS", total=None, instances=0, records=0)
+
+    def __call__(self, state: BuildProgress) -> None:
+        self.progress.update(
+            self.task,
+            description="building the view",
+            total=state.studies_total,
+            completed=state.studies_done,
+            instances=state.instances,
+            records=state.records,
+        )
+
+
+@app.command("preview")
+def preview(
+    config: ConfigOption,
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to write the view to (must be new or empty).")
+    ],
+    source: SourceOption = None,
+    labels: LabelsOption = None,
+    hmac_key: HmacKeyOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing view in --out.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Build exactly the view a job would get, to inspect what a model would see."""
+    settings = _settings(config, source, labels, hmac_key)
+    bar = _BuildBar()
+    with bar.progress:
+        result = preview_view(settings, out=out, overwrite=force, progress=bar)
+    if as_json:
+        typer.echo(json.dumps(_preview_json(result), sort_keys=True))
+        return
+    _print_preview(result)
+
+
+def _preview_json(result: PreviewResult) -> dict[str, object]:
+    summary = result.summary
+    return {
+        "view": str(summary.out),
+        "private_dir": str(result.private_dir),
+        "digest": summary.digest,
+        "records": summary.records,
+        "counts": dict(summary.counts),
+        "exclusions": dict(summary.exclusions),
+        "prevalence": result.prevalence,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def _print_preview(result: PreviewResult) -> None:
+    summary = result.summary
+    splits = Table(show_edge=False)
+    splits.add_column("split")
+    splits.add_column("images", justify="right")
+    for split, count in summary.counts.items():
+        splits.add_row(split, str(count))
+    splits.add_row("[bold]total[/]", f"[bold]{summary.records}[/]")
+    _show("records per split", splits)
+
+    excluded = Table(show_edge=False)
+    excluded.add_column("reason")
+    excluded.add_column("objects", justify="right")
+    for reason, count in summary.exclusions.items():
+        excluded.add_row(reason, str(count))
+    if not summary.exclusions:
+        excluded.add_row("(none)", "0")
+    _show("excluded, by reason", excluded)
+
+    if result.prevalence:
+        labels = Table(show_edge=False)
+        labels.add_column("finding")
+        for name in ("positive", "negative", "uncertain", "missing"):
+            labels.add_column(name, justify="right")
+        for finding, tally in result.prevalence.items():
+            labels.add_row(finding, *(str(v) for v in tally.values()))
+        _show("labels (all splits)", labels)
+
+    console.print(f"view:        {summary.out}", highlight=False, soft_wrap=True)
+    console.print(f"digest:      {summary.digest}", highlight=False, soft_wrap=True)
+    console.print(
+        f"test labels: {result.private_dir} (node only; never given to model code)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"built in {result.seconds:.1f} s", highlight=False)
+
+
+@app.command("profile")
+def profile_command(
+    config: ConfigOption,
+    k: Annotated[
+        int, typer.Option("--k", min=2, help="Suppress every count below k (and its complements).")
+    ] = 10,
+    source: SourceOption = None,
+    labels: LabelsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profile as JSON.")] = False,
+) -> None:
+    """Print the aggregate profile the hub would see: rounded counts, small cells hidden."""
+    settings = _settings(config, source, labels, None)
+    bar = _BuildBar()
+    with bar.progress:
+        result = profile_node(settings, k=k, progress=bar)
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+        return
+    shown = "withheld" if result["total"] is None else str(result["total"])
+    console.print(
+        f"[bold]profile[/] (images; k = {result['k']}; {result['rounding']}); total: {shown}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for name, dimension in result["dimensions"].items():
+        table = Table(show_edge=False)
+        table.add_column("value")
+        table.add_column("images", justify="right")
+        if dimension["status"] == "withheld":
+            table.add_row("(withheld: too few records to publish safely)", "")
+        for value, count in dimension["cells"].items():
+            table.add_row(value, "<k (suppressed)" if count is None else str(count))
+        _show(name, table)
+    positives = result["labels"]["positives"]
+    if positives:
+        table = Table(show_edge=False)
+        table.add_column("finding")
+        table.add_column("images", justify="right")
+        for finding, count in positives.items():
+            table.add_row(finding, "<k (suppressed)" if count is None else str(count))
+        _show("label positives", table)
+
+
+@app.command("lookup")
+def lookup(
+    config: ConfigOption,
+    patient_id: Annotated[
+        str,
+        typer.Option("--patient-id", help="The patient's PatientID (0010,0020), as in the PACS."),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+) -> None:
+    """Which views and jobs used this patient (a data-subject request). Only this node can
+    answer: the register holds keyed pseudonyms, and only this node holds the key."""
+    settings = load_node_settings(config)
+    keys = settings.keys.load()
+    answer = lookup_patient(
+        settings.state_dir,
+        Pseudonymizer(keys.hmac_key),
+        load_opt_out(settings.opt_out),
+        patient_id,
+    )
+    AuditLog(settings.audit_log, keys.signing_key).append(
+        "node.lookup", {"views_found": len(answer.uses), "opted_out": answer.opted_out}
+    )
+    if as_json:
+        out = {"opted_out": answer.opted_out, "uses": [use.to_json() for use in answer.uses]}
+        typer.echo(json.dumps(out, sort_keys=True))
+        return
+    if answer.opted_out:
+        console.print("This patient is on the opt-out list: no new view will include them.")
+    if not answer.uses:
+        console.print(
+            "[bold]none:[/] no view or job built by this node used this patient.",
+            highlight=False,
+        )
+        return
+    table = Table(show_edge=False)
+    for column in ("built (UTC)", "job", "view digest", "view"):
+        table.add_column(column, overflow="fold")
+    for use in answer.uses:
+        table.add_row(use.time, use.job_id, use.view_digest, use.view)
+    _show(f"views and jobs that used this patient ({len(answer.uses)})", table)

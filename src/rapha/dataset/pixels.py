@@ -14,6 +14,14 @@ presentation step:
 4. MONOCHROME1 inversion (PS3.3 C.7.6.3.1.2: the minimum value is displayed as white), so
    that MONOCHROME1 and MONOCHROME2 encodings of the same content give the same image.
 
+For 8- and 16-bit stored values the steps 2 to 4 are computed in one of two ways. When
+they are linear in the stored value (a rescale, no Modality LUT Sequence, no VOI LUT
+Sequence, and a LINEAR or LINEAR_EXACT window or none), the image is
+``clip(scale * (stored - zero), 0, 1)`` computed directly in float32, with the ramp
+checked against pydicom inside the window. Otherwise pydicom applies the steps once to
+each of the 2**bits possible values and the image is one lookup in that table. Both give
+the same image to within 1e-6 (a test holds the first to the second).
+
 The result is float32 in [0, 1], H x W, where 0 is black. Anything else is refused with a
 :class:`~rapha.errors.DataError` whose message is one of the fixed, PHI-free
 :class:`PixelReason` values, so a caller can count it as an exclusion reason and go on:
@@ -27,14 +35,16 @@ import math
 import warnings
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.uid import UID
 
-from rapha.errors import DataError, UsageError
+from rapha.dataset._resample import resample
+from rapha.errors import DataError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -59,6 +69,18 @@ _PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # A probe this many window widths beyond the centre is on the window's flat part for
 # LINEAR and LINEAR_EXACT and within 1e-69 of it for SIGMOID (exp(160) still fits a double).
 _PROBE_WIDTHS: Final = 40.0
+# Rescale and window values beyond these are left to the table path, which refuses what
+# does not stay finite.
+_HUGE: Final = 1e300
+_RAMP_LIMITS: Final = (1e-30, 1e30)
+# Up to this |scale * zero| the ramp is computed as s * scale - scale * zero in float32
+# (four roundings of values up to 2 where the result is in [0, 1]: error < 5e-7); above
+# it the whole part of the zero is taken off first, exactly, and a fractional part less
+# than _NEGLIGIBLE of the output range is left out.
+_SHIFT_FIRST: Final = 1.0
+_NEGLIGIBLE: Final = 1e-9
+# Native pixel data as a view on the dataset's bytes, high bits as stored (checked after).
+_VIEW_OPTIONS: Final[dict[str, Any]] = {"view_only": True, "correct_unused_bits": False}
 
 
 class PixelReason(StrEnum):
@@ -138,6 +160,9 @@ def _to_display(ds: Dataset) -> NDArray[np.float32]:
         str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
     )
     if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
+        ramp = _ramp(stored, ds, invert=invert)
+        if ramp is not None:
+            return ramp.apply(stored)
         # Every step is a function of the stored value alone, so it is applied once to
         # each of the 2**bits possible values and the image is one lookup in that table.
         index = stored.view(f"u{stored.dtype.itemsize}")
@@ -172,17 +197,44 @@ def _grey_pipeline(
 
 
 def _decode(ds: Dataset) -> NDArray[Any]:
-    """Decode frame 0 with the decoder for the dataset's transfer syntax (no caching on ds)."""
+    """Decode frame 0 with the decoder for the dataset's transfer syntax (no caching on ds).
+
+    Native (uncompressed) pixel data is read as a view on the dataset's bytes when that
+    gives the same values as pydicom's default decoding, which clears the bits above
+    Bits Stored (PS3.5 8.1.1) in a copy: only when one of them is set is that copy made.
+    """
     if "PixelData" not in ds:  # float pixel data is always native
         return np.asarray(ds.pixel_array)
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax is None:
         raise _refuse(PixelReason.UNDECODABLE)
-    array, _ = get_decoder(tsyntax).as_array(ds, index=0)
-    stored = np.asarray(array)
+    decoder = get_decoder(tsyntax)
+    stored: NDArray[Any] | None = None
+    whole_bytes = ds.get("BitsAllocated") in (8, 16)  # not bit-packed (1-bit) data
+    if decoder.is_native and UID(tsyntax).is_little_endian and whole_bytes:
+        view, _ = decoder.as_array(ds, index=0, **_VIEW_OPTIONS)
+        stored = np.asarray(view)
+        if not _within_bits_stored(stored, ds):
+            stored = None
+    if stored is None:
+        array, _ = decoder.as_array(ds, index=0)
+        stored = np.asarray(array)
     if not stored.dtype.isnative:
         stored = stored.astype(stored.dtype.newbyteorder("="))
     return stored
+
+
+def _within_bits_stored(stored: NDArray[Any], ds: Dataset) -> bool:
+    """Whether every value of an integer array already fits in Bits Stored (0028,0101)."""
+    if stored.dtype.kind not in "ui" or stored.size == 0:
+        return True
+    bits = int(ds.BitsStored)
+    if bits >= 8 * stored.dtype.itemsize:
+        return True
+    if stored.dtype.kind == "u":
+        return int(stored.max()) < 1 << bits
+    half = 1 << (bits - 1)
+    return -half <= int(stored.min()) and int(stored.max()) < half
 
 
 def _apply_voi(values: NDArray[Any], ds: Dataset, present: _Presence | None) -> NDArray[np.float64]:
@@ -241,8 +293,40 @@ def _as_list(value: Any) -> list[Any]:
     return list(value)
 
 
+class _Window(NamedTuple):
+    """A usable window, as probed through pydicom.
+
+    ``low`` and ``high`` are pydicom's outputs far below and far above the window. Probed
+    for a linear VOI LUT Function, ``middle`` and ``span`` are the ramp's middle and width
+    (PS3.3 C.11.2.1.2.1 for LINEAR, C.11.2.1.3.2 for LINEAR_EXACT) and ``inside`` is
+    pydicom's output, scaled to [0, 1], a quarter of the span each side of the middle.
+    """
+
+    low: float
+    high: float
+    middle: float = 0.0
+    span: float = 0.0
+    inside: tuple[float, ...] = ()
+
+
 def _window(values: NDArray[Any], ds: Dataset, index: int) -> NDArray[np.float64] | None:
     """Apply window ``index`` (PS3.3 C.11.2.1.2, C.11.2.1.3); None if it is unusable."""
+    window = _probe_window(ds, index)
+    if window is None:
+        return None
+    try:
+        mapped = np.asarray(apply_windowing(values, ds, index=index), dtype=np.float64)
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError):
+        return None
+    return (mapped - window.low) / (window.high - window.low)
+
+
+def _probe_window(ds: Dataset, index: int, function: str | None = None) -> _Window | None:
+    """Window ``index`` if pydicom applies it and its output range is not empty.
+
+    ``function`` ("LINEAR" or "LINEAR_EXACT", as pydicom reads (0028,1056)) adds the
+    ramp's middle, width and two points inside it to the same probe.
+    """
     centres, widths = _as_list(ds.WindowCenter), _as_list(ds.WindowWidth)
     try:
         centre = float(centres[index] if len(centres) > 1 else centres[0])
@@ -252,15 +336,20 @@ def _window(values: NDArray[Any], ds: Dataset, index: int) -> NDArray[np.float64
     if not (math.isfinite(centre) and math.isfinite(width)) or width <= 0:
         return None
     reach = _PROBE_WIDTHS * width + 1.0
-    probe = np.array([centre - reach, centre + reach], dtype=np.float64)
+    points = [centre - reach, centre + reach]
+    middle, span = (centre - 0.5, width - 1.0) if function == "LINEAR" else (centre, width)
+    if function is not None:
+        points += [middle - span / 4, middle + span / 4]
     try:
-        low, high = (float(v) for v in apply_windowing(probe, ds, index=index))
-        mapped = np.asarray(apply_windowing(values, ds, index=index), dtype=np.float64)
+        low, high, *inside = (
+            float(v) for v in apply_windowing(np.array(points, dtype=np.float64), ds, index=index)
+        )
     except (ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError):
         return None
     if not (math.isfinite(low) and math.isfinite(high)) or low == high:
         return None
-    return (mapped - low) / (high - low)
+    shown = tuple((v - low) / (high - low) for v in inside)
+    return _Window(low, high, middle, span, shown)
 
 
 def _min_max(values: NDArray[Any], present: _Presence | None) -> NDArray[np.float64]:
@@ -273,74 +362,105 @@ def _min_max(values: NDArray[Any], present: _Presence | None) -> NDArray[np.floa
     return (data - low) / (high - low)
 
 
-# --- resampling and storage --------------------------------------------------------------
+# --- the linear case ---------------------------------------------------------------------
 
 
-def resample(image: NDArray[Any], size: tuple[int, int]) -> NDArray[np.float32]:
-    """Resize a 2-D image to ``size`` = (height, width), each axis on its own.
+class _Ramp(NamedTuple):
+    """A display image that is ``clip(scale * (stored - zero), 0, 1)``."""
 
-    An axis that shrinks is area-averaged: each output pixel is the exact mean of the input
-    area it covers, fractional pixels weighted by their overlap, so no input pixel is
-    skipped (no aliasing). An axis that grows is interpolated linearly between pixel
-    centres (half-pixel convention, as ``torch.nn.functional.interpolate(...,
-    mode="bilinear", align_corners=False)``). Both are convex combinations, so a [0, 1]
-    image stays in [0, 1]. Pure numpy in float32 with fixed summation order: the result is
-    deterministic.
+    scale: float
+    zero: float
+
+    def apply(self, stored: NDArray[Any]) -> NDArray[np.float32]:
+        """Compute the image in float32: one new array, then two or three in-place steps."""
+        scale, zero = self.scale, self.zero
+        if abs(scale * zero) <= _SHIFT_FIRST:
+            out: NDArray[np.float32] = np.multiply(stored, np.float32(scale), dtype=np.float32)
+            out -= np.float32(scale * zero)
+        else:  # a large offset is taken off exactly first (integers below 2**24)
+            whole = float(np.rint(zero)) if abs(zero) < 1 << 24 else 0.0
+            out = np.subtract(stored, np.float32(whole), dtype=np.float32)
+            if abs((zero - whole) * scale) > _NEGLIGIBLE:  # not a rounding error's worth
+                out -= np.float32(zero - whole)
+            out *= np.float32(scale)
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+
+def _ramp(stored: NDArray[Any], ds: Dataset, *, invert: bool) -> _Ramp | None:
+    """The display map as a :class:`_Ramp` when it is linear in the stored value, else None.
+
+    Linear means: a rescale or none (no Modality LUT Sequence), no VOI LUT Sequence, and
+    the window the table path would choose is LINEAR or LINEAR_EXACT, or there is none
+    and the image's own range is used. That is the same map as the table path's, computed
+    directly on the pixels; everything else (and anything odd) takes the table path.
     """
-    height, width = _check_size(size)
-    if image.ndim != 2 or image.shape[0] < 1 or image.shape[1] < 1:
-        raise UsageError("resample takes a non-empty 2-D image")
-    data = np.asarray(image, dtype=np.float32)
-    # Both passes run along the contiguous last axis (much faster than striding axis 0).
-    data = _resize_last(data, width)
-    data = _resize_last(np.ascontiguousarray(data.T), height)
-    return np.ascontiguousarray(data.T)
+    rescale = _rescale(ds)
+    if rescale is None or _has_voi_lut(ds):
+        return None
+    slope, intercept = rescale
+    function = _linear_function(ds)
+    windows = range(_window_count(ds))
+    if windows and function is None:
+        return None
+    probes = (_probe_window(ds, index, function) for index in windows)
+    window = next((w for w in probes if w is not None), None)
+    ramp = _range_ramp(stored, slope) if window is None else _window_ramp(window, slope, intercept)
+    if ramp is not None and invert:
+        ramp = _Ramp(-ramp.scale, ramp.zero + 1.0 / ramp.scale)
+    if ramp is None or not _RAMP_LIMITS[0] < abs(ramp.scale) < _RAMP_LIMITS[1]:
+        return None
+    return ramp if abs(ramp.zero) < _RAMP_LIMITS[1] else None
 
 
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
-    if len(size) != 2 or not all(isinstance(n, int) and 1 <= n <= 1 << 14 for n in size):
-        raise UsageError("image size must be two integers between 1 and 16384")
-    return size[0], size[1]
+def _rescale(ds: Dataset) -> tuple[float, float] | None:
+    """Rescale slope and intercept as pydicom applies them (PS3.3 C.11.1); None for a LUT."""
+    if ds.get("ModalityLUTSequence"):
+        return None
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        return 1.0, 0.0
+    values = (ds.RescaleSlope, ds.RescaleIntercept)
+    if not all(isinstance(v, int | float) for v in values):
+        return None
+    slope, intercept = (float(v) for v in values)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        return None
+    if not (0.0 < abs(slope) <= _HUGE and abs(intercept) <= _HUGE):
+        return None
+    return slope, intercept
 
 
-def _resize_last(data: NDArray[np.float32], out: int) -> NDArray[np.float32]:
-    n = data.shape[-1]
-    if out == n:
-        return data
-    return _area(data, out) if out < n else _linear(data, out)
+def _linear_function(ds: Dataset) -> str | None:
+    """VOI LUT Function (0028,1056) as pydicom reads it, if LINEAR or LINEAR_EXACT."""
+    function = getattr(ds, "VOILUTFunction", "LINEAR")
+    if not isinstance(function, str) or function.upper() not in {"LINEAR", "LINEAR_EXACT"}:
+        return None
+    return function.upper()
 
 
-def _area(data: NDArray[np.float32], out: int) -> NDArray[np.float32]:
-    """Exact box-filter means along the last axis (output bins wider than one pixel).
-
-    Bin ``j`` covers ``[e_j, e_j+1)`` with ``e_j = j * n / out``. The sums over
-    ``[ceil(e_j), ceil(e_j+1))`` come from one ``reduceat``; the pixel cut by an interior
-    edge ``e`` is then moved out of the bin on its right by the share ``ceil(e) - e`` that
-    lies on the left of ``e``.
-    """
-    n = data.shape[-1]
-    edges = np.arange(out + 1, dtype=np.float64) * n / out
-    starts = np.ceil(edges[:-1]).astype(np.intp)
-    sums = np.add.reduceat(data, starts, axis=-1).astype(np.float64)
-    inner = edges[1:-1]
-    cut = np.floor(inner).astype(np.intp)
-    share = np.where(inner > cut, np.ceil(inner) - inner, 0.0)
-    moved = data[..., cut] * share
-    sums[..., :-1] -= moved
-    sums[..., 1:] += moved
-    means: NDArray[np.float32] = (sums * (out / n)).astype(np.float32)
-    return means
+def _window_ramp(window: _Window, slope: float, intercept: float) -> _Ramp | None:
+    """The window's ramp on stored values, if pydicom agrees with it inside the window."""
+    if window.span <= 0.0:  # LINEAR with width 1 is a step
+        return None
+    if len(window.inside) != 2 or not all(
+        abs(got - want) <= 1e-7 for got, want in zip(window.inside, (0.25, 0.75), strict=True)
+    ):
+        return None
+    zero = (window.middle - window.span / 2 - intercept) / slope
+    return _Ramp(slope / window.span, zero)
 
 
-def _linear(data: NDArray[np.float32], out: int) -> NDArray[np.float32]:
-    """Linear interpolation along the last axis between pixel centres (half-pixel)."""
-    n = data.shape[-1]
-    source = np.clip((np.arange(out, dtype=np.float64) + 0.5) * n / out - 0.5, 0.0, n - 1.0)
-    lower = np.floor(source).astype(np.intp)
-    upper = np.minimum(lower + 1, n - 1)
-    frac = (source - lower).astype(np.float32)
-    result: NDArray[np.float32] = data[..., lower] * (1.0 - frac) + data[..., upper] * frac
-    return result
+def _range_ramp(stored: NDArray[Any], slope: float) -> _Ramp | None:
+    """No VOI: the image's own modality range to [0, 1]; None for a constant image."""
+    low, high = float(stored.min()), float(stored.max())
+    if high <= low:
+        return None
+    if slope > 0:
+        return _Ramp(1.0 / (high - low), low)
+    return _Ramp(-1.0 / (high - low), high)
+
+
+# --- storage -----------------------------------------------------------------------------
 
 
 def quantize(image: NDArray[Any], dtype: PixelDType) -> NDArray[Any]:

@@ -5,23 +5,27 @@ MONOCHROME2 sense (PS3.3 C.7.6.3.1.2: the minimum value is displayed black), so 
 value means more attenuation: bone and soft tissue are bright, lung and air are dark.
 
 Anatomy (body outline, shoulders, mediastinum and heart, two lung fields, diaphragm domes,
-ribs, clavicles, spine, lung markings) is drawn in a normalised frame that is shifted,
-scaled and rotated a little per image, then passed through a random response curve and
+ribs, clavicles, lung markings) is drawn in a normalised frame that is shifted, scaled and
+rotated a little per image, then passed through a random detector response curve and
 quantum noise. Findings are faint patterns drawn on top:
 
 ``effusion``
-    a meniscus-shaped fill at one or both lung bases that blunts the costophrenic angle;
+    a homogeneous fill at one or both lung bases under a meniscus that rises towards the
+    chest wall, blunting the costophrenic angle;
 ``pneumothorax``
     a darker band without lung markings along the apical/lateral edge of one lung, bounded
     by a thin bright pleural line;
 ``nodule``
     a small round brighter blob inside a lung field.
 
+A present finding is sometimes occult (too small to show; nothing is drawn), as on real
+frontal radiographs, so no model can reach an AUROC of 1.
+
 Contracts callers rely on:
 
 * Every random draw comes from the ``rng`` passed in, in an order that does not depend on
-  which findings are present: the same generator state renders the same patient, and the
-  pixels of two renders differ only where a finding was drawn.
+  which findings are present: the same generator state renders the same patient, image and
+  noise with or without findings.
 * The global mean and standard deviation of the stored values are set per image from
   random draws that do not depend on the findings (the image is renormalised after the
   findings are drawn), so the findings cannot be read from global pixel statistics.
@@ -45,14 +49,16 @@ FINDINGS: tuple[str, ...] = ("effusion", "pneumothorax", "nodule")
 _F32 = npt.NDArray[np.float32]
 
 # How often a present finding is occult: too small to show on a frontal radiograph, so
-# nothing is drawn. This caps what any model can reach at an AUROC of 1 - p/2; with the
-# contrasts below a tiny CNN on 64 px images learns effusion (the easiest finding) to about
-# 0.88 in a few epochs (tests/demo/test_signal.py).
-_OCCULT: Mapping[str, float] = {"effusion": 0.22, "pneumothorax": 0.35, "nodule": 0.30}
+# nothing is drawn. This caps what any model can reach at an AUROC of 1 - p/2.
+_OCCULT: Mapping[str, float] = {"effusion": 0.10, "pneumothorax": 0.35, "nodule": 0.30}
 # Peak attenuation each finding adds, in the units of the anatomy map (air 0, lung ~0.2,
-# soft tissue ~0.55, bone ~0.7), and the range of its size in the normalised frame.
-_EFFUSION_CONTRAST = 0.35
-_EFFUSION_HEIGHT = (0.10, 0.24)
+# soft tissue ~0.55, bone ~0.7), and the range of its size in the normalised frame. Tuned
+# with tests/demo/test_signal.py: a tiny CNN on 64 px images learns effusion, the easiest
+# finding, to an AUROC near 0.88 in a few epochs, pneumothorax to about 0.65 and nodule
+# barely. The effusion is faint but sharp-edged: a broad bright finding would shift what
+# any CNN computes, so one trained on shuffled labels would rank effusions by chance.
+_EFFUSION_CONTRAST = 0.065
+_EFFUSION_HEIGHT = (0.08, 0.20)
 _PNEUMOTHORAX_CONTRAST = 0.05
 _PLEURAL_LINE_CONTRAST = 0.08
 _PNEUMOTHORAX_DEPTH = (0.03, 0.12)
@@ -309,7 +315,7 @@ def _anatomy(rng: np.random.Generator, x: _F32, y: _F32, edge: np.float32) -> _C
 
 
 def _effusion(rng: np.random.Generator, y: _F32, chest: _Chest, edge: np.float32) -> _F32:
-    """Fluid at one or both lung bases: a meniscus rising laterally, fading upwards."""
+    """Fluid at one or both lung bases, its sharp meniscus rising towards the chest wall."""
     sides = int(rng.choice(3, p=[0.4, 0.4, 0.2]))  # right, left, both
     heights = rng.uniform(*_EFFUSION_HEIGHT, size=2)
     fill = np.zeros_like(y)
@@ -320,10 +326,7 @@ def _effusion(rng: np.random.Generator, y: _F32, chest: _Chest, edge: np.float32
         lateral = np.clip((out - np.float32(0.25)) / np.float32(0.5), 0.0, 1.0)
         depth = np.float32(heights[side]) * (np.float32(0.3) + np.float32(0.7) * lateral)
         level = _diaphragm(out, chest.dome + 0.03 * side) - depth
-        # Denser towards the base; a shallow effusion is a faint one.
-        fill += chest.lungs[side] * np.clip(
-            (y - level) / (np.float32(0.5) * depth + edge), np.float32(0.0), np.float32(1.0)
-        )
+        fill += chest.lungs[side] * _ramp((y - level) / edge)
     return fill
 
 

@@ -25,7 +25,6 @@ auth over HTTP, one file used as two keys, OCR switched off without a justificat
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ from rapha import crypto
 from rapha.config import Settings, load_settings
 from rapha.crypto import Ed25519PrivateKey
 from rapha.errors import ConfigError, KeyFileError
+from rapha.pacs.auth import is_loopback_host
 from rapha.pacs.scope import ScopeSettings
 
 __all__ = [
@@ -135,15 +135,6 @@ class TlsAuth(Settings):
 PacsAuth = Annotated[NoAuth | BasicAuth | BearerAuth | TlsAuth, Field(discriminator="kind")]
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class DicomWebSource(Settings):
     """Any DICOMweb PACS: QIDO-RS to search, WADO-RS to retrieve."""
 
@@ -173,7 +164,7 @@ class DicomWebSource(Settings):
             return self
         if isinstance(self.auth, TlsAuth):
             raise ValueError("url: a TLS client certificate needs an https:// URL")
-        if not _is_loopback(parts.hostname or "") and not self.allow_insecure_http:
+        if not is_loopback_host(parts.hostname) and not self.allow_insecure_http:
             raise ValueError(
                 "url: plain http:// to a PACS on another host sends PHI (and credentials) in "
                 "clear; use https://, or set allow_insecure_http = true if the network is "

@@ -20,7 +20,14 @@ import requests
 
 from rapha.errors import ConfigError
 
-__all__ = ["BasicAuth", "BearerToken", "ClientCert", "PacsAuth", "configure_session"]
+__all__ = [
+    "BasicAuth",
+    "BearerToken",
+    "ClientCert",
+    "PacsAuth",
+    "configure_session",
+    "is_loopback_host",
+]
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,8 @@ class _VerifyWith(requests.adapters.HTTPAdapter):
         )
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback_host(host: str | None) -> bool:
+    """True for ``localhost`` and loopback IP literals: the only hosts plain http may reach."""
     if host is None:
         return False
     if host == "localhost":
@@ -124,7 +132,7 @@ def configure_session(
     elif (
         isinstance(auth, BasicAuth | BearerToken)
         and not secure
-        and not _is_loopback(parts.hostname)
+        and not is_loopback_host(parts.hostname)
     ):
         raise ConfigError("PACS credentials would travel unencrypted: use an https:// DICOMweb URL")
     if isinstance(auth, BasicAuth):
