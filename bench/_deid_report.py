@@ -205,7 +205,7 @@ def full_section(timings: Timings, stages: Timings) -> str:
         f"syntaxes meet it. Overall: **{'met' if overall <= FULL_TARGET else 'not met'}** "
         f"on total time, **{'met' if mean <= FULL_TARGET else 'not met'}** per transfer "
         "syntax. Where it is not met, decoding and the header are not what costs: the "
-        "extra time is `to_display` (Modality/VOI table lookup) and `resample` (below), "
+        "extra time is `to_display` (full-size float32 display passes) and `resample` (below), "
         "per-pixel passes that cost more than a decode which is little more than a copy.\n\n"
         "Where the time goes (ms per file, each stage timed on its own on pre-parsed data):\n\n"
         + _table(["Transfer syntax", *stages.runs], stage_rows)
