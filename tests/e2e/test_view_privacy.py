@@ -55,7 +55,7 @@ from rapha.node import (
 from rapha.node.register import LookupRegister
 from rapha.pacs.source import read_dataset
 from rapha.privacy import Domain, Exclusion, Pseudonymizer, find_leaks, record_id, screen_header
-from support.orthanc import OrthancServer, start_orthanc, upload_folder
+from support.orthanc import OrthancServer, orthanc_or_skip, upload_folder
 
 STUDIES = 60
 SEED = 3
@@ -180,11 +180,7 @@ def folder_view(node: Node) -> Build:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    try:
-        server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    except FileNotFoundError as exc:
-        pytest.skip(f"Orthanc is not installed: {exc}")
-    with server:
+    with orthanc_or_skip(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 

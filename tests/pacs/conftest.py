@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from rapha.demo.archive import generate_archive
 from rapha.pacs import Scope
-from support.orthanc import OrthancServer, start_orthanc, upload_folder
+from support.orthanc import OrthancServer, orthanc_or_skip, upload_folder
 
 # Well-formed pydicom test files with distinct instances (several share UIDs across
 # unrelated files, so they are picked by hand). emri_small_RLE.dcm is the same instance as
@@ -156,11 +156,7 @@ class Pacs:
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """One real Orthanc with the DICOMweb plugin on loopback for the whole session."""
-    try:
-        server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    except FileNotFoundError as exc:
-        pytest.skip(f"Orthanc is not installed: {exc}")
-    with server:
+    with orthanc_or_skip(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 

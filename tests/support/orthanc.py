@@ -21,10 +21,13 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import pytest
 import requests
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "OrthancTls",
     "dicomweb_plugin",
     "free_port",
+    "orthanc_or_skip",
     "start_orthanc",
     "upload_folder",
 ]
@@ -232,3 +236,15 @@ def upload_folder(server: OrthancServer, root: Path) -> int:
             if response.status_code == 200 and response.json().get("Status") == "Success":
                 stored += 1
     return stored
+
+
+@contextmanager
+def orthanc_or_skip(directory: Path) -> Iterator[OrthancServer]:
+    """A running Orthanc for a fixture, stopped on exit; skips the tests when Orthanc is
+    not installed (``scripts/install-system-deps`` installs it)."""
+    try:
+        server = start_orthanc(directory)
+    except FileNotFoundError as exc:
+        pytest.skip(f"Orthanc is not installed: {exc}")
+    with server:
+        yield server

@@ -33,7 +33,13 @@ from rapha.dataset import resample, to_display
 from rapha.pacs.source import quiet
 from rapha.privacy import Domain, Exclusion, MetaValue, Pseudonymizer, extract_meta, screen_header
 
-__all__ = ["HeaderResult", "deidentify_header", "prepare_pixels"]
+__all__ = [
+    "HeaderResult",
+    "deidentify_header",
+    "display_image",
+    "header_text",
+    "prepare_pixels",
+]
 
 _PATIENT_ID: Final = 0x00100020
 _STUDY_UID: Final = 0x0020000D
@@ -82,11 +88,13 @@ def _raw_text(ds: Dataset, tag: int) -> str | None:
     return text or None
 
 
-def _patient_id(ds: Dataset) -> str | None:
-    if _PATIENT_ID not in ds:
+def header_text(ds: Dataset, tag: int) -> str | None:
+    """The padded-stripped text of element ``tag`` converted by pydicom, or None when absent
+    or empty. Conversion may warn about an invalid value, quoting it: it runs quietly."""
+    if tag not in ds:
         return None
-    with quiet():  # conversion may warn about an invalid value, quoting it
-        value = ds[_PATIENT_ID].value
+    with quiet():
+        value = ds[tag].value
     text = "" if value is None else str(value).strip(_PADDING)
     return text or None
 
@@ -109,7 +117,7 @@ def deidentify_header(
     exclusion = screen_header(ds, require_pixel_data=require_pixel_data)
     if exclusion is not None:
         return HeaderResult(exclusion, None, _NO_META, None, None, None)
-    patient = _patient_id(ds)
+    patient = header_text(ds, _PATIENT_ID)
     return HeaderResult(
         exclusion=None,
         patient_pseudonym=None
@@ -131,6 +139,11 @@ def prepare_pixels(ds: Dataset, size: tuple[int, int]) -> NDArray[np.float32]:
     undecodable), and :class:`~rapha.errors.UsageError` for an invalid size. pydicom's
     decoders log their failures with details of the data; those records are dropped.
     """
+    return resample(display_image(ds), size)
+
+
+def display_image(ds: Dataset) -> NDArray[np.float32]:
+    """:func:`~rapha.dataset.pixels.to_display` with pydicom's decoder log records dropped
+    (they carry details of the data); raises the same :class:`~rapha.errors.DataError`."""
     with quiet():
-        image = to_display(ds)
-    return resample(image, size)
+        return to_display(ds)

@@ -19,7 +19,7 @@ counts it under one reason (:class:`rapha.privacy.Exclusion` values, plus the fe
 4. **labels**, joined on the raw AccessionNumber / StudyInstanceUID, on the node
    (:class:`rapha.dataset.LabelTable`): the table is keyed by raw identifiers, which never
    leave this process;
-5. **pixels**: the display image (:func:`rapha.dataset.to_display`); multi-frame →
+5. **pixels**: the display image (:func:`rapha.node.deid.display_image`); multi-frame →
    ``multi_frame``, colour → ``colour``, undecodable → ``undecodable_pixels``, no pixel
    data → ``non_image_object``; then resampled to the job's size
    (:func:`rapha.dataset.resample`);
@@ -65,7 +65,6 @@ from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset
 
 from rapha.audit import AuditLog
 from rapha.dataset import (
@@ -78,10 +77,9 @@ from rapha.dataset import (
     ViewWriter,
     assign_split,
     resample,
-    to_display,
 )
 from rapha.errors import DataError, RaphaError
-from rapha.node.deid import deidentify_header
+from rapha.node.deid import deidentify_header, display_image, header_text
 from rapha.node.optout import OptOutList
 from rapha.node.register import LookupRegister
 from rapha.node.settings import NodeKeys, NodeSettings
@@ -92,7 +90,6 @@ from rapha.pacs import (
     Source,
     SourceItem,
 )
-from rapha.pacs.source import quiet
 from rapha.privacy import ALLOWLIST, Exclusion, OcrScreen, Pseudonymizer, options_used, record_id
 
 __all__ = ["BuildProgress", "BuildReason", "InstanceOutcome", "build_view"]
@@ -100,7 +97,6 @@ __all__ = ["BuildProgress", "BuildReason", "InstanceOutcome", "build_view"]
 _PATIENT_ID: Final = 0x00100020
 _ACCESSION: Final = 0x00080050
 _MODALITY: Final = 0x00080060
-_PADDING: Final = " \x00"
 _IN_FLIGHT_PER_WORKER: Final = 2  # display images held at full size while OCR runs
 
 
@@ -170,15 +166,6 @@ class _Context:
 # --- one instance ----------------------------------------------------------------------
 
 
-def _text(ds: Dataset, tag: int) -> str | None:
-    if tag not in ds:
-        return None
-    with quiet():  # converting a value may warn, quoting it
-        value = ds[tag].value
-    text = "" if value is None else str(value).strip(_PADDING)
-    return text or None
-
-
 def _pixel_reason(exc: DataError) -> str:
     return _PIXEL_REASONS.get(str(exc), Exclusion.UNDECODABLE.value)
 
@@ -188,7 +175,7 @@ def _screen(item: SourceItem, ctx: _Context) -> _Candidate | str:
     ds, ref = item.dataset, item.ref
     if item.error is not None or ds is None or ref is None:
         return Exclusion.UNREADABLE.value
-    patient_id = _text(ds, _PATIENT_ID)
+    patient_id = header_text(ds, _PATIENT_ID)
     if patient_id is None:
         return BuildReason.MISSING_PATIENT_ID.value
     if ctx.opt_out.is_opted_out(patient_id):
@@ -200,9 +187,9 @@ def _screen(item: SourceItem, ctx: _Context) -> _Candidate | str:
         return Exclusion.UNREADABLE.value
     labels: dict[str, int | None] = {}
     if ctx.labels is not None:
-        labels = ctx.labels.lookup(accession=_text(ds, _ACCESSION), study_uid=ref.study_uid)
+        labels = ctx.labels.lookup(accession=header_text(ds, _ACCESSION), study_uid=ref.study_uid)
     try:
-        display = to_display(ds)
+        display = display_image(ds)
     except DataError as exc:
         return _pixel_reason(exc)
     split = assign_split(patient_id, ctx.keys.split_key, ctx.settings.view.ratios)
@@ -214,7 +201,7 @@ def _screen(item: SourceItem, ctx: _Context) -> _Candidate | str:
         labels=labels,
         patient_pseudonym=header.patient_pseudonym,
     )
-    modality = _text(ds, _MODALITY) or ""
+    modality = header_text(ds, _MODALITY) or ""
     return _Candidate(ref=ref, record=record, display=display, modality=modality.upper())
 
 
