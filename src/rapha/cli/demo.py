@@ -213,6 +213,9 @@ def _report(summary: ArchiveSummary, *, as_json: bool) -> None:
         share = f"{c['positive']} ({100 * c['positive'] / max(c['rows'], 1):.0f} %)"
         findings.add_row(name, share, str(c["negative"]), str(c["uncertain"]), str(c["missing"]))
     console.print(files, syntaxes, findings)
-    console.print(f"DICOM files:  {summary.out / 'dicom'}")
-    console.print(f"labels CSV:   {summary.labels_csv}")
-    console.print(f"truth JSON:   {summary.truth_json}  (what was planted; for tests only)")
+    # soft_wrap: a path is never folded mid-name, so it can be copied from the terminal.
+    console.print(f"DICOM files:  {summary.out / 'dicom'}", soft_wrap=True)
+    console.print(f"labels CSV:   {summary.labels_csv}", soft_wrap=True)
+    console.print(
+        f"truth JSON:   {summary.truth_json}  (what was planted; for tests only)", soft_wrap=True
+    )
