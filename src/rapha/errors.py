@@ -14,7 +14,14 @@ The tree::
     ├── UsageError                  exit 2   a command was called with arguments it cannot use
     ├── KeyFileError                exit 3   a key file is missing, malformed or readable by others
     ├── IntegrityError              exit 4   a signature, digest or hash chain does not verify
-    │   └── SignatureError          exit 4   an Ed25519 signature is invalid
+    │   ├── SignatureError          exit 4   an Ed25519 signature is invalid
+    │   │   └── BundleSignatureError         bundle.sig is missing, bad, or from an untrusted key
+    │   └── BundleError             exit 4   a submitted bundle cannot be used as it is
+    │       ├── BundleFileError              a file was changed, is missing, extra or not plain
+    │       ├── BundleSignatureError         (also a SignatureError, above)
+    │       ├── ManifestError                bundle.toml fails validation
+    │       ├── UnsafeArchiveError           a bundle .tar holds links, devices, ``..`` or too much
+    │       └── WeightsFormatError           weights.safetensors is not valid safetensors
     ├── ScopeError                  exit 5   a PACS query falls outside the hospital's scope
     ├── DataError                   exit 6   input data (DICOM, CSV, archive) cannot be used
     ├── PolicyError                 exit 7   a policy refused a bundle, job or output
@@ -28,19 +35,25 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = [
+    "BundleError",
+    "BundleFileError",
+    "BundleSignatureError",
     "ConfigError",
     "DataError",
     "DependencyError",
     "ExitCode",
     "IntegrityError",
     "KeyFileError",
+    "ManifestError",
     "PolicyError",
     "RaphaError",
     "RemoteError",
     "SandboxError",
     "ScopeError",
     "SignatureError",
+    "UnsafeArchiveError",
     "UsageError",
+    "WeightsFormatError",
 ]
 
 
@@ -93,6 +106,44 @@ class IntegrityError(RaphaError):
 
 class SignatureError(IntegrityError):
     """An Ed25519 signature does not verify under the given public key."""
+
+
+class BundleError(IntegrityError):
+    """A submitted bundle (DESIGN.md, "Formats: Bundle") cannot be accepted as it is.
+
+    Exit code 4 like every integrity failure: a bundle is either exactly what its signer
+    signed and well-formed, or it is refused before any of its code or weights are used.
+    """
+
+
+class BundleFileError(BundleError):
+    """A bundle file was changed after signing, is missing, is extra, or is not a plain file.
+
+    ``kind`` is one of ``"changed"``, ``"missing"``, ``"extra"``, ``"not-a-file"``,
+    ``"too-large"`` or ``"invalid"``; ``path`` is the bundle-relative file name (chosen by the
+    company, so safe to show).
+    """
+
+    def __init__(self, message: str, *, kind: str, path: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+
+
+class BundleSignatureError(SignatureError, BundleError):
+    """``bundle.sig`` is missing or malformed, does not verify, or names an untrusted key."""
+
+
+class ManifestError(BundleError):
+    """``bundle.toml`` is not valid TOML or fails validation; the message names the field."""
+
+
+class UnsafeArchiveError(BundleError):
+    """A bundle ``.tar`` holds something we refuse to extract (links, devices, ``..``, size)."""
+
+
+class WeightsFormatError(BundleError):
+    """A weights file is not a well-formed safetensors file (a pickle, truncated, lying header)."""
 
 
 class ScopeError(RaphaError):

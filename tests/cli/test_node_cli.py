@@ -19,6 +19,7 @@ from rapha.dataset import verify_view
 from rapha.errors import ExitCode
 from rapha.node.optout import load_opt_out
 from rapha.node.settings import DicomWebSource, FolderSource, load_node_settings
+from rapha.runtime.policy import default_policy_text, evaluate_admission
 
 runner = CliRunner()
 
@@ -128,6 +129,51 @@ def test_init_with_a_relative_folder_writes_an_absolute_path(
     assert result.exit_code == 0, result.output
     source = load_node_settings(tmp_path / "n/node.toml", env={}).source
     assert source == FolderSource(kind="folder", path=tmp_path / "archive/dicom")
+
+
+def test_init_writes_the_default_policies_and_points_the_config_at_them(node_dir: Path) -> None:
+    settings = load_node_settings(node_dir / "node.toml", env={})
+
+    assert settings.policy.admission == node_dir.resolve() / "policies/admission.rego"
+    assert settings.policy.output == node_dir.resolve() / "policies/output.rego"
+    assert settings.policy.admission.read_text() == default_policy_text("admission")
+    assert settings.policy.output.read_text() == default_policy_text("output")
+    assert _mode(node_dir / "policies") == 0o700
+    assert settings.policy.k_anonymity == 10
+    assert settings.policy.max_output_bytes == 512 << 20
+    assert settings.policy.evaluation_quota == 20
+
+
+def test_the_policies_init_writes_admit_a_plain_training_job(node_dir: Path) -> None:
+    settings = load_node_settings(node_dir / "node.toml", env={})
+    facts = {
+        "bundle": {
+            "kind": "train",
+            "model": {"source": "zoo"},
+            "hparams": {"epochs": 3, "batch_size": 16},
+            "outputs": ["weights.safetensors"],
+            "dp": None,
+        },
+        "signer": {"fingerprint": "00" * 32, "pinned": True},
+        "job": {"id": "job-1"},
+        "hospital": settings.policy.policy_input(),
+    }
+
+    decision = evaluate_admission(settings.policy.admission, facts)
+
+    assert decision.allowed, decision.reasons
+
+
+def test_init_force_keeps_a_policy_the_hospital_edited(node_dir: Path) -> None:
+    edited = default_policy_text("output") + "\n# tightened by the DPO\n"
+    (node_dir / "policies/output.rego").write_text(edited)
+    (node_dir / "policies/admission.rego").unlink()
+
+    result = runner.invoke(app, ["node", "init", "--dir", str(node_dir), "--force"])
+
+    assert result.exit_code == 0, result.output
+    assert (node_dir / "policies/output.rego").read_text() == edited
+    assert (node_dir / "policies/admission.rego").read_text() == default_policy_text("admission")
 
 
 def test_init_refuses_to_clobber_a_node(node_dir: Path) -> None:

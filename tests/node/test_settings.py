@@ -15,6 +15,7 @@ from rapha.node.settings import (
     DicomWebSource,
     FolderSource,
     NoAuth,
+    PolicySettings,
     TlsAuth,
     load_node_settings,
 )
@@ -185,6 +186,12 @@ def test_unsafe_or_malformed_sources_are_refused(
         ('[ocr.disabled]\ndx = "our DX readers never burn in any text at all"\n', "ocr", "upper"),
         ('[ocr.disabled]\nCT = "our CT scanners never burn in any text at all"\n', "", "CT"),
         ("[extra]\nkey = 1\n", "extra", "not permitted"),
+        ("[policy]\nk_anonymity = 1\n", "policy.k_anonymity", "greater than or equal to 2"),
+        ("[policy]\ndp_epsilon = 0\n", "policy.dp_epsilon", "greater than 0"),
+        ("[policy]\ndp_delta = 1.5\n", "policy.dp_delta", "less than 1"),
+        ("[policy]\nmax_output_bytes = 0\n", "policy.max_output_bytes", "greater than"),
+        ("[policy]\nevaluation_quota = -1\n", "policy.evaluation_quota", "greater than"),
+        ("[policy]\nsurprise = true\n", "policy.surprise", "not permitted"),
     ],
 )
 def test_unsafe_values_are_refused_with_the_field_named(
@@ -198,6 +205,39 @@ def test_unsafe_values_are_refused_with_the_field_named(
 
     assert field in str(info.value)
     assert match in str(info.value)
+
+
+def test_a_config_without_a_policy_table_gets_the_default_policies(tmp_path: Path) -> None:
+    settings = load_node_settings(_config(tmp_path), env={})
+
+    assert settings.policy == PolicySettings()
+    assert settings.policy.admission is None  # the policies shipped with Rapha
+    assert settings.policy.output is None
+    assert settings.policy.policy_input() == {
+        "k_anonymity": 10,
+        "allow_custom_code": True,
+        "dp_required": False,
+        "dp_epsilon": 8.0,
+        "dp_delta": 1e-5,
+        "max_output_bytes": 512 << 20,
+        "evaluation_quota": 20,
+    }
+
+
+def test_policy_files_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    extra = (
+        '[policy]\nadmission = "policies/admission.rego"\noutput = "/srv/output.rego"\n'
+        "dp_required = true\nallow_custom_code = false\n"
+    )
+    config = _config(tmp_path, extra=extra)
+
+    settings = load_node_settings(config, env={"RAPHA_NODE_POLICY__K_ANONYMITY": "20"})
+
+    assert settings.policy.admission == config.parent.resolve() / "policies/admission.rego"
+    assert settings.policy.output == Path("/srv/output.rego")
+    assert settings.policy.dp_required is True
+    assert settings.policy.allow_custom_code is False
+    assert settings.policy.k_anonymity == 20
 
 
 def test_scope_errors_surface_with_their_field(tmp_path: Path) -> None:

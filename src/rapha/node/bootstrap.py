@@ -8,10 +8,13 @@
     keys/split.key       32 random bytes: the train/val/test split key (0600)
     keys/node.key        the node's Ed25519 signing key, PKCS#8 PEM (0600)
     keys/node.key.pub    its public key, for `rapha node audit verify --public-key`
+    policies/admission.rego  the default admission policy (which jobs may run), now the hospital's
+    policies/output.rego     the default output policy (what may leave), now the hospital's
     state/audit.jsonl    the audit log, started with its genesis entry and a `node.init` entry
 
 Keys are never replaced. ``force`` rewrites ``node.toml`` and creates whatever is missing,
-keeping existing keys, the opt-out list and the audit log; to rotate a key, move it aside
+keeping existing keys, the opt-out list, the policies (the hospital may have edited them)
+and the audit log; to rotate a key, move it aside
 first (rotating the HMAC key changes every pseudonym and breaks `rapha node lookup` for
 earlier views).
 """
@@ -24,12 +27,13 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from rapha import __version__, crypto
 from rapha.audit import AuditLog
 from rapha.errors import KeyFileError, UsageError
 from rapha.node.settings import NodeSettings, load_node_settings
+from rapha.runtime.policy import default_policy_text
 
 __all__ = ["InitReport", "init_node", "render_config"]
 
@@ -40,8 +44,14 @@ SPLIT_KEY: Final = "keys/split.key"
 SIGNING_KEY: Final = "keys/node.key"
 PUBLIC_KEY: Final = "keys/node.key.pub"
 AUDIT_LOG: Final = "state/audit.jsonl"
+ADMISSION_POLICY: Final = "policies/admission.rego"
+OUTPUT_POLICY: Final = "policies/output.rego"
 _KEYS: Final = (HMAC_KEY, SPLIT_KEY, SIGNING_KEY)
-_ALL: Final = (CONFIG_NAME, OPT_OUT_NAME, *_KEYS, PUBLIC_KEY, AUDIT_LOG)
+_POLICIES: Final[dict[str, Literal["admission", "output"]]] = {
+    ADMISSION_POLICY: "admission",
+    OUTPUT_POLICY: "output",
+}
+_ALL: Final = (CONFIG_NAME, OPT_OUT_NAME, *_KEYS, PUBLIC_KEY, *_POLICIES, AUDIT_LOG)
 _DIR_MODE: Final = 0o700
 _SCOPE_YEARS: Final = 5
 
@@ -163,6 +173,21 @@ signing_key = "{SIGNING_KEY}"     # Ed25519: signs the audit log and receipts
 size = [224, 224]                  # rows, columns after resampling
 dtype = "uint8"                    # uint8, uint16 or float16
 ratios = [0.7, 0.15, 0.15]         # train, val, test shares of patients; they sum to 1
+
+# --- policies: which jobs run here, and what may leave -------------------------------------
+# Both are Rego (OPA's language) files owned by the hospital: edit them to tighten the
+# rules. The values below are what both policies see as `input.hospital`. A policy that
+# fails to compile, crashes or times out refuses the job or the output.
+[policy]
+admission = "{ADMISSION_POLICY}"   # checked before any bundle code runs
+output = "{OUTPUT_POLICY}"         # checked by the output guard before anything leaves
+allow_custom_code = true                # false: only zoo models, no model.py from companies
+dp_required = false                     # true: training must be differentially private
+dp_epsilon = 8.0                        # largest privacy budget epsilon a job may use
+dp_delta = 1e-5                         # largest delta a job may use
+k_anonymity = 10                        # smallest cohort a result may be computed on
+max_output_bytes = {512 << 20}            # largest total a job may send out (512 MiB)
+evaluation_quota = 20                   # evaluate jobs per company (each probes the test split)
 """
 
 
@@ -220,6 +245,11 @@ def init_node(
     if not (directory / OPT_OUT_NAME).exists():
         crypto.write_private_file(directory / OPT_OUT_NAME, _OPT_OUT_HEADER.encode())
         created.append(OPT_OUT_NAME)
+    _mkdir_private(directory / "policies")
+    for rel, policy in _POLICIES.items():
+        if not (directory / rel).exists():
+            crypto.write_private_file(directory / rel, default_policy_text(policy).encode())
+            created.append(rel)
     config = directory / CONFIG_NAME
     tmp = config.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -94,6 +94,7 @@ from rapha.privacy import ALLOWLIST, Exclusion, OcrScreen, Pseudonymizer, option
 
 __all__ = ["BuildProgress", "BuildReason", "InstanceOutcome", "build_view"]
 
+_PATIENT_NAME: Final = 0x00100010
 _PATIENT_ID: Final = 0x00100020
 _ACCESSION: Final = 0x00080050
 _MODALITY: Final = 0x00080060
@@ -133,12 +134,16 @@ class InstanceOutcome:
     """What happened to one instance; node-internal (``ref`` holds raw UIDs: PHI).
 
     ``reason`` is the exclusion reason, or ``None`` when ``record`` went into the view.
-    ``ref`` is ``None`` for objects the source could not read.
+    ``ref`` is ``None`` for objects the source could not read. ``identifiers`` (PHI) are
+    the raw and pseudonymous identifiers of a record that went in: PatientID,
+    PatientName, AccessionNumber, the stable instance pseudonym; the egress scan of a
+    job's outputs looks for them (:func:`rapha.privacy.find_leaks`).
     """
 
     ref: InstanceRef | None
     reason: str | None
     record: ViewRecord | None = field(default=None, repr=False)
+    identifiers: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -149,6 +154,7 @@ class _Candidate:
     record: ViewRecord
     display: NDArray[np.float32] = field(repr=False)
     modality: str
+    identifiers: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -202,7 +208,11 @@ def _screen(item: SourceItem, ctx: _Context) -> _Candidate | str:
         patient_pseudonym=header.patient_pseudonym,
     )
     modality = header_text(ds, _MODALITY) or ""
-    return _Candidate(ref=ref, record=record, display=display, modality=modality.upper())
+    raw = (patient_id, header_text(ds, _PATIENT_NAME), header_text(ds, _ACCESSION))
+    identifiers = tuple(dict.fromkeys(v for v in (*raw, header.sop_uid) if v))
+    return _Candidate(
+        ref=ref, record=record, display=display, modality=modality.upper(), identifiers=identifiers
+    )
 
 
 def _screen_safely(item: SourceItem, ctx: _Context) -> _Candidate | str:
@@ -409,7 +419,7 @@ class _Tally:
         self._seen.add(outcome.record.record_id)
         writer.add(outcome.record)
         self.records += 1
-        self._tell(InstanceOutcome(outcome.ref, None, outcome.record))
+        self._tell(InstanceOutcome(outcome.ref, None, outcome.record, outcome.identifiers))
 
     def study(self, done: int) -> None:
         if done != self.done:

@@ -17,6 +17,7 @@ The tables::
     [keys]                              # hmac_key, split_key, signing_key: three distinct files
     [ocr.disabled]                      # MODALITY = "written justification"
     [view]                              # size, dtype, ratios
+    [policy]                            # admission/output Rego files, k_anonymity, dp_*, quotas
 
 Validation refuses unsafe values with a message naming the field, never the value: PACS
 credentials in a URL, plain HTTP to a remote PACS (unless explicitly allowed), TLS client
@@ -52,6 +53,7 @@ __all__ = [
     "NodeKeys",
     "NodeSettings",
     "OcrSettings",
+    "PolicySettings",
     "TlsAuth",
     "ViewSettings",
     "load_node_settings",
@@ -267,6 +269,40 @@ class ViewSettings(Settings):
         return value
 
 
+# --- policies ----------------------------------------------------------------------------
+
+
+class PolicySettings(Settings):
+    """The hospital's rules for jobs and outputs (``[policy]``), seen by both Rego policies.
+
+    ``admission`` and ``output`` are the hospital's Rego files (``rapha node init`` writes
+    copies of the defaults); ``None``, as in configs written before they existed, means the
+    default policies shipped with Rapha (:func:`rapha.runtime.policy.default_policy_text`).
+    The other values are given to the policies as ``input.hospital``.
+    """
+
+    admission: Path | None = None
+    output: Path | None = None
+    #: Smallest cohort a result may be computed on (and the profile's small-cell floor).
+    k_anonymity: int = Field(default=10, ge=2, le=1000)
+    #: Whether bundles may carry their own model code (``model.py``).
+    allow_custom_code: bool = True
+    #: Whether training must be differentially private.
+    dp_required: bool = False
+    #: Largest privacy budget epsilon a job may declare or spend.
+    dp_epsilon: float = Field(default=8.0, gt=0, le=100)
+    #: Largest delta a job may declare or spend.
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    #: Largest total size of what one job may send out, in bytes.
+    max_output_bytes: int = Field(default=512 << 20, ge=1 << 10, le=16 << 30)
+    #: Evaluate jobs one company may run on this node (each one probes the test split).
+    evaluation_quota: int = Field(default=20, ge=0)
+
+    def policy_input(self) -> dict[str, Any]:
+        """The values the Rego policies see as ``input.hospital`` (paths left out)."""
+        return self.model_dump(mode="json", exclude={"admission", "output"})
+
+
 # --- the node ----------------------------------------------------------------------------
 
 
@@ -283,6 +319,7 @@ class NodeSettings(Settings):
     labels: Path | None = None
     ocr: OcrSettings = OcrSettings()
     view: ViewSettings = ViewSettings()
+    policy: PolicySettings = PolicySettings()
     state_dir: Path
     audit_log: Path
 
