@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,12 +29,14 @@ from rapha import crypto
 from rapha.audit import AuditLog
 from rapha.cli._app import err_console
 from rapha.errors import UsageError
-from rapha.node.job import JobError, JobOutcome, JobRules, run_job
 from rapha.node.synthetic import PreparedView, cohort_needles, prepare_synthetic_view
 from rapha.runtime.bundle import verify_bundle
 from rapha.runtime.manifest import load_manifest
 from rapha.runtime.progress import ProgressEvent
 from rapha.runtime.sandbox import Sandbox, SandboxLimits
+
+if TYPE_CHECKING:
+    from rapha.node.job import JobOutcome
 
 __all__ = ["dry_run"]
 
@@ -107,6 +109,8 @@ def dry_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run BUNDLE through the node pipeline: verify, train, predict, evaluate, guard."""
+    from rapha.node.job import JobError, JobRules, run_job  # loads torch: only when run
+
     if synthetic == (view is not None):
         raise UsageError("give exactly one of --synthetic or --view VIEWDIR")
     out = out.absolute()

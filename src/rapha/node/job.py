@@ -362,7 +362,7 @@ def _run(
         Bind(ws.scratch(f"{mode}-tmp", sandbox.limits.tmp_bytes), "/tmp", writable=True),  # noqa: S108
         *binds,
     ]
-    result = sandbox.run_harness(["--spec", "/job/spec.json"], binds=all_binds, on_event=on_event)
+    result = ws.run_harness(["--spec", "/job/spec.json"], binds=all_binds, on_event=on_event)
     audit.append(
         "job.sandbox",
         {

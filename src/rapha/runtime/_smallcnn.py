@@ -36,7 +36,7 @@ class SmallCNN(nn.Module):
             layers += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
                 nn.GroupNorm(math.gcd(_GROUPS, c_out), c_out),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),  # not in place: Opacus hooks the module outputs
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
             c_in = c_out

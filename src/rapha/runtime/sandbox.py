@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import resource
 import select
@@ -69,6 +70,7 @@ __all__ = [
     "PROGRESS_FD_ARG",
     "SANDBOX_UID",
     "STDERR_TAIL",
+    "UID_POOL",
     "Bind",
     "Sandbox",
     "SandboxLimits",
@@ -78,7 +80,9 @@ __all__ = [
 ]
 
 SANDBOX_UID: Final = 61000
-"""The dedicated host uid (and gid) sandboxes run as; no account needs to exist for it."""
+"""The first of the dedicated host uids (and gids) sandboxes run as; no accounts needed."""
+UID_POOL: Final = 64
+"""How many uids from :data:`SANDBOX_UID` on: one per concurrent run on a host."""
 PROGRESS_FD_ARG: Final = "{progress_fd}"
 """In an argv given to :meth:`Sandbox.run`, replaced by the progress pipe's fd number."""
 STDERR_TAIL: Final = 256 << 10
@@ -193,6 +197,7 @@ class Sandbox:
         limits: SandboxLimits | None = None,
         threads: int | None = None,
         staging_root: Path | None = None,
+        uid_pool: int = UID_POOL,
     ) -> None:
         if uid <= 0:
             raise UsageError("the sandbox uid must be a dedicated unprivileged uid, never 0")
@@ -201,7 +206,7 @@ class Sandbox:
         self.limits = limits or SandboxLimits()
         self.threads = threads or max(1, len(os.sched_getaffinity(0)))
         self.uid = uid if os.geteuid() == 0 else os.geteuid()
-        self.gid = uid if os.geteuid() == 0 else os.getegid()
+        self.uid_pool = uid_pool if os.geteuid() == 0 else 1
         self.staging_root = Path(staging_root or Path(tempfile.gettempdir()) / "rapha-sandbox")
         self._filter = build_filter()
         self._checked = False
@@ -217,7 +222,7 @@ class Sandbox:
             "seccomp_arch": self._filter.arch,
             "environment": dict(ENVIRONMENT),
             "limits": asdict(self.limits),
-            "uid": self.uid,
+            "uids": [self.uid, self.uid + self.uid_pool - 1],
         }
 
     # --- refusal ---------------------------------------------------------------------------
@@ -244,13 +249,14 @@ class Sandbox:
             )
         probe = [str(self.bwrap), *self._namespace_args(), *self._root_args(), "/usr/bin/true"]
         try:
-            done = subprocess.run(  # noqa: S603 - fixed argv, no shell
-                probe,
-                capture_output=True,
-                timeout=30,
-                check=False,
-                preexec_fn=self._drop_identity,
-            )
+            with self._lease() as uid:
+                done = subprocess.run(  # noqa: S603 - fixed argv, no shell
+                    probe,
+                    capture_output=True,
+                    timeout=30,
+                    check=False,
+                    preexec_fn=lambda: _drop_identity(uid),
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             raise DependencyError(f"the sandbox binary {self.bwrap} cannot be run") from exc
         if done.returncode != 0:
@@ -274,15 +280,44 @@ class Sandbox:
         (:meth:`Workspace.stage`) and scratch space is mounted here
         (:meth:`Workspace.scratch`); everything is unmounted and removed on exit.
         """
-        self.staging_root.mkdir(parents=True, exist_ok=True)
-        self.staging_root.chmod(0o711)
-        root = Path(tempfile.mkdtemp(prefix="job-", dir=self.staging_root))
+        with self._lease() as uid:
+            root = Path(tempfile.mkdtemp(prefix="job-", dir=self.staging_root))
+            root.chmod(0o711)
+            ws = Workspace(root, self, uid)
+            try:
+                yield ws
+            finally:
+                ws.close()
+
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[int]:
+        """A uid of the pool that no other run on this host holds, for as long as needed.
+
+        Each concurrent run gets its own uid, so ``RLIMIT_NPROC`` counts only its own
+        processes and the leftover check after a run can never touch another job's tree.
+        """
+        root = self.staging_root
+        root.mkdir(parents=True, exist_ok=True)
+        st = root.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise SandboxError(f"{root} is not a directory owned by the node; remove it")
         root.chmod(0o711)
-        ws = Workspace(root, self)
-        try:
-            yield ws
-        finally:
-            ws.close()
+        if self.uid_pool == 1:
+            yield self.uid
+            return
+        for uid in range(self.uid, self.uid + self.uid_pool):
+            fd = os.open(root / f".uid-{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield uid
+            finally:
+                os.close(fd)
+            return
+        raise SandboxError(f"all {self.uid_pool} sandbox uids are in use; wait for a job to finish")
 
     # --- running ---------------------------------------------------------------------------
 
@@ -292,11 +327,12 @@ class Sandbox:
         *,
         binds: Sequence[Bind],
         on_event: Callable[[ProgressEvent], None] | None = None,
+        uid: int | None = None,
     ) -> SandboxResult:
         """Run ``rapha.runtime.harness`` inside with ``args`` (see :meth:`run`)."""
         argv = [str(self.python), "-I", "-S", "-B", "-c", _BOOT, ":".join(_python_paths())]
         argv += [*args, "--progress-fd", PROGRESS_FD_ARG]
-        return self.run(argv, binds=binds, on_event=on_event)
+        return self.run(argv, binds=binds, on_event=on_event, uid=uid)
 
     def run(
         self,
@@ -304,17 +340,23 @@ class Sandbox:
         *,
         binds: Sequence[Bind],
         on_event: Callable[[ProgressEvent], None] | None = None,
+        uid: int | None = None,
     ) -> SandboxResult:
         """Run ``argv`` inside a new sandbox and wait for the whole tree to end.
 
         Progress events are parsed (untrusted input) and passed to ``on_event`` as they
-        arrive, at most one a second. The run is killed at the wall-clock limit.
+        arrive, at most one a second. The run is killed at the wall-clock limit. ``uid``
+        is the workspace's leased uid (:meth:`Workspace.run_harness` passes it); without
+        one, a uid is leased for this run alone.
 
         Raises:
             DependencyError: no usable sandbox (nothing was run).
             SandboxError: the sandbox could not be started.
         """
         self.ensure_available()
+        if uid is None:
+            with self._lease() as leased:
+                return self.run(argv, binds=binds, on_event=on_event, uid=leased)
         targets = [b.target for b in binds]
         if len(set(targets)) != len(targets):
             raise UsageError("two sandbox binds share a target")
@@ -330,7 +372,7 @@ class Sandbox:
         cgroup = _cgroup.create(self.limits.memory, self.limits.processes)
         started = time.monotonic()
         try:
-            proc = self._spawn(cmd, seccomp, write_end, cgroup)
+            proc = self._spawn(cmd, seccomp, write_end, cgroup, uid)
         finally:
             os.close(write_end)
             os.close(seccomp)
@@ -346,7 +388,7 @@ class Sandbox:
             peak = cgroup.peak_memory() if cgroup is not None else None
             if cgroup is not None:
                 cgroup.destroy()
-            leftover = self._reap_leftovers()
+            leftover = self._reap_leftovers(uid)
         return SandboxResult(
             returncode=proc.returncode,
             timed_out=timed_out,
@@ -401,16 +443,13 @@ class Sandbox:
             args += ["--setenv", key, str(self.threads)]
         return args
 
-    def _drop_identity(self) -> None:
-        """In the child, before exec: no core dumps, then the dedicated uid (if root)."""
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.geteuid() == 0:
-            os.setgroups([])
-            os.setresgid(self.gid, self.gid, self.gid)
-            os.setresuid(self.uid, self.uid, self.uid)
-
     def _spawn(
-        self, cmd: list[str], seccomp: int, write_end: int, cgroup: _cgroup.Cgroup | None
+        self,
+        cmd: list[str],
+        seccomp: int,
+        write_end: int,
+        cgroup: _cgroup.Cgroup | None,
+        uid: int,
     ) -> subprocess.Popen[bytes]:
         limits = self.limits
         rlimits = [
@@ -428,7 +467,7 @@ class Sandbox:
                     fh.write(str(os.getpid()))
             for kind, value in rlimits:
                 resource.setrlimit(kind, (value, value))
-            self._drop_identity()
+            _drop_identity(uid)
 
         try:
             return subprocess.Popen(  # noqa: S603 - fixed argv, no shell
@@ -479,19 +518,19 @@ class Sandbox:
             time.sleep(0.02)
         return False, bytes(tail), events
 
-    def _reap_leftovers(self) -> int:
+    def _reap_leftovers(self, uid: int) -> int:
         """Count, then kill, processes of the sandbox uid still alive after the run.
 
         When bwrap's init ends, the kernel kills the rest of the PID namespace; those
         processes may take a moment to go, so they get a grace period before they count.
         """
-        if self.uid == os.getuid():
+        if uid == os.getuid():
             return 0  # a non-root node runs sandboxes as itself; the PID namespace reaps them
         deadline = time.monotonic() + 5.0
-        pids = _processes_of(self.uid)
+        pids = _processes_of(uid)
         while pids and time.monotonic() < deadline:
             time.sleep(0.05)
-            pids = _processes_of(self.uid)
+            pids = _processes_of(uid)
         for _ in range(3):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -499,17 +538,28 @@ class Sandbox:
             if not pids:
                 break
             time.sleep(0.05)
-            pids = _processes_of(self.uid)
+            pids = _processes_of(uid)
         return len(pids)
 
 
 class Workspace:
-    """One job's staging directory (see :meth:`Sandbox.workspace`)."""
+    """One job's staging directory and leased uid (see :meth:`Sandbox.workspace`)."""
 
-    def __init__(self, root: Path, sandbox: Sandbox) -> None:
+    def __init__(self, root: Path, sandbox: Sandbox, uid: int) -> None:
         self.root = root
+        self.uid = uid
         self._sandbox = sandbox
         self._mounts: list[Path] = []
+
+    def run_harness(
+        self,
+        args: Sequence[str],
+        *,
+        binds: Sequence[Bind],
+        on_event: Callable[[ProgressEvent], None] | None = None,
+    ) -> SandboxResult:
+        """:meth:`Sandbox.run_harness` as this workspace's uid (its scratch is its own)."""
+        return self._sandbox.run_harness(args, binds=binds, on_event=on_event, uid=self.uid)
 
     def stage(self, source: Path, name: str) -> Path:
         """A read-only-for-the-sandbox copy of file or directory ``source`` under ``name``.
@@ -541,7 +591,9 @@ class Workspace:
         path = self.root / name
         path.mkdir()
         if os.geteuid() == 0:
-            _mount_tmpfs(path, size=size, uid=self._sandbox.uid, gid=self._sandbox.gid)
+            _mount_tmpfs(
+                path, size=size, uid=self.uid, gid=self.uid if os.geteuid() == 0 else os.getegid()
+            )
             self._mounts.append(path)
         else:
             path.chmod(0o700)
@@ -572,6 +624,15 @@ def _stage(source: Path, target: Path) -> None:
             pass  # another file system: copy
     shutil.copyfile(source, target, follow_symlinks=False)
     target.chmod(0o644)
+
+
+def _drop_identity(uid: int) -> None:
+    """In the child, before exec: no core dumps, then the leased uid (when root)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
 
 
 def _processes_of(uid: int) -> list[int]:

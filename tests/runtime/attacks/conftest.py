@@ -32,7 +32,7 @@ from rapha.audit import AuditLog, verify_log
 from rapha.node.job import JobOutcome, JobRules, run_job
 from rapha.node.synthetic import PreparedView, prepare_synthetic_view
 from rapha.runtime.bundle import sign_bundle, verify_bundle
-from rapha.runtime.sandbox import SANDBOX_UID, Sandbox, SandboxLimits
+from rapha.runtime.sandbox import SANDBOX_UID, UID_POOL, Sandbox, SandboxLimits
 
 SIZE = 16
 NET = """
@@ -159,7 +159,7 @@ class Node:
     ) -> JobOutcome:
         root = self.bundle(train_body, extra=extra)
         verified = verify_bundle(root, trusted_keys=None, workdir=self.work / f"v-{self.runs}")
-        sandbox = Sandbox(limits=limits or attack_limits())
+        sandbox = Sandbox(limits=limits or attack_limits(), staging_root=STAGING)
         return run_job(
             verified,
             job_id=f"attack-{self.runs}",
@@ -198,8 +198,9 @@ def node(attack_view: PreparedView, tmp_path: Path) -> Iterator[Node]:
     audit_path = tmp_path / "audit.jsonl"
     key = crypto.generate_private_key()
     audit = AuditLog.create(audit_path, key)
+    before = workspaces()
     yield Node(attack_view, tmp_path, audit, audit_path, key.public_key())
-    assert_healthy(audit_path, key.public_key())
+    assert_healthy(audit_path, key.public_key(), before)
 
 
 def sandbox_processes() -> list[int]:
@@ -211,7 +212,7 @@ def sandbox_processes() -> list[int]:
             except OSError:
                 continue
             uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-            if int(uid) == SANDBOX_UID:
+            if SANDBOX_UID <= int(uid) < SANDBOX_UID + UID_POOL:
                 found.append(int(entry.name))
     return found
 
@@ -226,12 +227,26 @@ def no_sandbox_processes(grace: float = 5.0) -> bool:
     return True
 
 
-def assert_healthy(audit_path: Path, public: crypto.Ed25519PublicKey) -> None:
+# The suite's own staging root, so that other sandboxes on the machine do not count.
+STAGING = Path("/tmp") / f"rapha-attack-staging-{os.getpid()}"
+
+
+def workspaces() -> set[Path]:
+    return set(STAGING.glob("job-*"))
+
+
+def assert_healthy(audit_path: Path, public: crypto.Ed25519PublicKey, before: set[Path]) -> None:
     """After an attack: no sandbox process or workspace left, the log verifies, a sandbox runs."""
     assert no_sandbox_processes()
-    staging = Sandbox().staging_root
-    if staging.exists():
-        assert list(staging.iterdir()) == [], "a job workspace was left behind"
+    assert workspaces() <= before, "a job workspace was left behind"
     verify_log(audit_path, public)
-    result = Sandbox(limits=attack_limits(wall_seconds=30)).run(["/usr/bin/true"], binds=[])
+    result = Sandbox(limits=attack_limits(wall_seconds=30), staging_root=STAGING).run(
+        ["/usr/bin/true"], binds=[]
+    )
     assert result.ok, result.stderr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_staging() -> Iterator[None]:
+    yield
+    shutil.rmtree(STAGING, ignore_errors=True)

@@ -55,13 +55,20 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 # the node runs its own trusted loop with the [train] hyper-parameters.
 #
 # def train(model, data, hparams, ctx):
-#     """Train `model` in place on `data` (the node's train split)."""
+#     """Train `model` in place. `data.train` / `data.val` are RaphaDatasets yielding
+#     (images, labels) with NaN labels where the bundle's policy says "ignore"; the node
+#     keeps only the weights this leaves in `model`."""
+#     from rapha.runtime.loader import masked_bce
 #     optimizer = torch.optim.Adam(model.parameters(), lr=hparams["learning_rate"])
-#     loss_fn = nn.BCEWithLogitsLoss(reduction="none")
-#     for epoch in range(hparams["epochs"]):
-#         for images, labels, mask in data:
+#     loader = data.loader("train", batch_size=hparams["batch_size"], shuffle=True,
+#                          seed=hparams["seed"])
+#     steps, step = hparams["epochs"] * len(loader), 0
+#     for epoch in range(1, hparams["epochs"] + 1):
+#         for images, labels in loader:
+#             step += 1
 #             optimizer.zero_grad()
-#             loss = (loss_fn(model(images), labels) * mask).sum() / mask.sum().clamp(min=1)
+#             loss = masked_bce(model(images), labels)
 #             loss.backward()
 #             optimizer.step()
-#         ctx.report(epoch=epoch, loss=float(loss))
+#             ctx.progress(epoch=epoch, epochs=hparams["epochs"], step=step, steps=steps,
+#                          loss=float(loss))
