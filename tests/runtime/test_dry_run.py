@@ -86,6 +86,28 @@ def test_without_bubblewrap_nothing_runs(tmp_path: Path, company_key: Path) -> N
     assert not (tmp_path / "out" / "outbox").exists()
 
 
+def test_a_node_whose_configured_bwrap_is_missing_refuses(
+    tmp_path: Path, company_key: Path
+) -> None:
+    from rapha.node import init_node
+
+    init_node(tmp_path / "node", name="no-sandbox")
+    config = tmp_path / "node" / "node.toml"
+    missing = tmp_path / "gone" / "bwrap"
+    config.write_text(config.read_text() + f'\n[sandbox]\nbwrap = "{missing}"\n')
+    bundle = make_bundle(tmp_path / "b", company_key, "--zoo", "rapha.SmallCNN")
+
+    code, out = rapha(
+        "job", "dry-run", str(bundle), "--synthetic", "--config", str(config),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+
+    assert code == 10, out
+    assert "bwrap" in out
+    assert "never run without a sandbox" in " ".join(out.split())
+    assert not (tmp_path / "out" / "outbox").exists()
+
+
 @pytest.mark.slow
 def test_a_batchnorm_model_is_refused_for_dp_with_the_fix(
     tmp_path: Path, company_key: Path

@@ -33,7 +33,6 @@ from rapha.node.synthetic import PreparedView, cohort_needles, prepare_synthetic
 from rapha.runtime.bundle import verify_bundle
 from rapha.runtime.manifest import load_manifest
 from rapha.runtime.progress import ProgressEvent
-from rapha.runtime.sandbox import Sandbox, SandboxLimits
 
 if TYPE_CHECKING:
     from rapha.node.job import JobOutcome
@@ -101,15 +100,33 @@ def dry_run(
         _DEFAULT_STUDIES
     ),
     seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 1,
-    timeout: Annotated[float, typer.Option(help="Wall-clock limit per sandbox, seconds.")] = 3600,
-    bwrap: Annotated[Path, typer.Option(help="The bubblewrap binary.")] = Path("/usr/bin/bwrap"),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A node's node.toml: use its [policy], [sandbox] and audit log, as that "
+            "hospital's node would.",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Wall-clock limit per sandbox step, seconds.")
+    ] = None,
+    bwrap: Annotated[
+        Path | None, typer.Option(help="The bubblewrap binary (default: [sandbox] bwrap).")
+    ] = None,
     dp_epsilon: Annotated[
         float | None, typer.Option(help="Demand DP-SGD at this epsilon (as a hospital would).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run BUNDLE through the node pipeline: verify, train, predict, evaluate, guard."""
-    from rapha.node.job import JobError, JobRules, run_job  # loads torch: only when run
+    from rapha.node.job import (  # they load torch: only when a dry-run runs
+        JobError,
+        JobRules,
+        run_job,
+        sandbox_from_settings,
+    )
+    from rapha.node.settings import SandboxSettings, load_node_settings
 
     if synthetic == (view is not None):
         raise UsageError("give exactly one of --synthetic or --view VIEWDIR")
@@ -120,19 +137,28 @@ def dry_run(
     work.mkdir(parents=True)
     live = _Live()
     job_id = f"dry-run-{secrets.token_hex(4)}"
-    sandbox = Sandbox(bwrap=bwrap, limits=SandboxLimits(wall_seconds=timeout))
+    settings = load_node_settings(config) if config is not None else None
+    sandbox_settings = settings.sandbox if settings is not None else SandboxSettings()
+    overrides: dict[str, Any] = {"wall_seconds": timeout} if timeout is not None else {}
+    if bwrap is not None:
+        sandbox_settings = sandbox_settings.model_copy(update={"bwrap": bwrap})
+    sandbox = sandbox_from_settings(sandbox_settings, **overrides)
     sandbox.ensure_available()  # refuse before any work when there is no sandbox
     trusted = [crypto.load_public_key(key)] if key is not None else None
-    rules = JobRules()
-    if dp_epsilon is not None:
-        rules = JobRules(dp_required=True, dp_epsilon=dp_epsilon)
+    dp: dict[str, Any] = {"dp_required": True, "dp_epsilon": dp_epsilon} if dp_epsilon else {}
+    rules = (
+        JobRules.from_settings(settings.policy, **dp) if settings is not None else JobRules(**dp)
+    )
+    if settings is not None:  # the hospital's own dry-run goes into its audit log
+        audit = AuditLog(settings.audit_log, settings.keys.load().signing_key)
+    else:
+        audit = AuditLog.create(work / "audit.jsonl", crypto.generate_private_key())
     with live.progress:
         live.phase("verify")
         verified = verify_bundle(bundle, trusted_keys=trusted, workdir=work / "bundle")
         prepared = _view(
             verified.root, work, synthetic, view, private, needles, studies, seed, job_id, live
         )
-        audit = AuditLog.create(work / "audit.jsonl", crypto.generate_private_key())
         try:
             outcome = run_job(
                 verified,

@@ -188,6 +188,16 @@ dp_delta = 1e-5                         # largest delta a job may use
 k_anonymity = 10                        # smallest cohort a result may be computed on
 max_output_bytes = {512 << 20}            # largest total a job may send out (512 MiB)
 evaluation_quota = 20                   # evaluate jobs per company (each probes the test split)
+
+# --- the sandbox model code runs in (docs/security.md); it cannot be switched off ---------
+[sandbox]
+bwrap = "/usr/bin/bwrap"                # without it (or without user namespaces) nothing runs
+uid = 61000                             # first of the dedicated uids (one per concurrent job)
+wall_seconds = 21600                    # wall-clock limit of one sandboxed step
+memory = {12 << 30}                   # memory of the whole process tree (cgroup), bytes
+processes = 512                         # processes and threads of the tree
+tmp_bytes = {1 << 30}                   # size of the sandbox's /tmp
+output_bytes = {2 << 30}                # size of its output directory
 """
 
 

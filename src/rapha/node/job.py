@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 from rapha.audit import AuditLog
 from rapha.crypto import canonical_json, digest_bytes
 from rapha.errors import DataError, PolicyError, SandboxError
+from rapha.node.settings import PolicySettings, SandboxSettings
 from rapha.runtime.bundle import VerifiedBundle
 from rapha.runtime.dp import DPPlan, plan_dp
 from rapha.runtime.evaluate import evaluate
@@ -50,9 +51,16 @@ from rapha.runtime.loader import RaphaDataset, encode_labels
 from rapha.runtime.manifest import BundleManifest
 from rapha.runtime.policy import evaluate_admission
 from rapha.runtime.progress import ProgressEvent
-from rapha.runtime.sandbox import Bind, Sandbox, SandboxResult, Workspace
+from rapha.runtime.sandbox import Bind, Sandbox, SandboxLimits, SandboxResult, Workspace
 
-__all__ = ["METRICS_FILE", "JobError", "JobOutcome", "JobRules", "run_job"]
+__all__ = [
+    "METRICS_FILE",
+    "JobError",
+    "JobOutcome",
+    "JobRules",
+    "run_job",
+    "sandbox_from_settings",
+]
 
 METRICS_FILE: Final = "metrics.json"
 _MAX_CURVE: Final = 1000
@@ -90,6 +98,46 @@ class JobRules:
     max_output_bytes: int = 512 << 20
     admission_policy: Path | None = None
     output_policy: Path | None = None
+
+    @classmethod
+    def from_settings(cls, policy: PolicySettings, **overrides: Any) -> JobRules:
+        """The rules of a node's ``[policy]`` table (``overrides`` for a dry-run's flags)."""
+        values: dict[str, Any] = {
+            "allow_custom_code": policy.allow_custom_code,
+            "dp_required": policy.dp_required,
+            "dp_epsilon": policy.dp_epsilon,
+            "dp_delta": policy.dp_delta,
+            "k": policy.k_anonymity,
+            "max_output_bytes": policy.max_output_bytes,
+            "admission_policy": policy.admission,
+            "output_policy": policy.output,
+        }
+        return cls(**(values | overrides))
+
+    def hospital_input(self) -> dict[str, Any]:
+        """What the Rego policies see as ``input.hospital``."""
+        return {
+            "allow_custom_code": self.allow_custom_code,
+            "dp_required": self.dp_required,
+            "dp_epsilon": self.dp_epsilon,
+            "dp_delta": self.dp_delta,
+            "k_anonymity": self.k,
+            "max_output_bytes": self.max_output_bytes,
+        }
+
+
+def sandbox_from_settings(settings: SandboxSettings, **overrides: Any) -> Sandbox:
+    """The node's :class:`Sandbox` as its ``[sandbox]`` table configures it."""
+    limits = {
+        name: getattr(settings, name)
+        for name in (
+            "wall_seconds", "cpu_seconds", "address_space", "memory", "processes",
+            "open_files", "tmp_bytes", "output_bytes",
+        )
+    }  # fmt: skip
+    return Sandbox(
+        bwrap=settings.bwrap, uid=settings.uid, limits=SandboxLimits(**(limits | overrides))
+    )
 
 
 @dataclass(frozen=True)
@@ -261,6 +309,7 @@ def run_job(
             job=job,
             rego_policy=rules.output_policy,
             audit=audit,
+            hospital=rules.hospital_input(),
         )
     _raise_if_denied(decision)
     digest = next(f.sha256 for f in decision.files if f.name == METRICS_FILE)
@@ -314,13 +363,7 @@ def _admit(
         },
         "signer": {"fingerprint": bundle.signer_fingerprint, "pinned": pinned},
         "job": dict(job),
-        "hospital": {
-            "allow_custom_code": rules.allow_custom_code,
-            "dp_required": rules.dp_required,
-            "dp_epsilon": rules.dp_epsilon,
-            "dp_delta": rules.dp_delta,
-            "k_anonymity": rules.k,
-        },
+        "hospital": rules.hospital_input(),
     }
     decision = evaluate_admission(rules.admission_policy, facts)
     if not decision.allowed:

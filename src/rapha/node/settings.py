@@ -54,6 +54,7 @@ __all__ = [
     "NodeSettings",
     "OcrSettings",
     "PolicySettings",
+    "SandboxSettings",
     "TlsAuth",
     "ViewSettings",
     "load_node_settings",
@@ -303,6 +304,35 @@ class PolicySettings(Settings):
         return self.model_dump(mode="json", exclude={"admission", "output"})
 
 
+class SandboxSettings(Settings):
+    """How model code is sandboxed (``[sandbox]``); see :mod:`rapha.runtime.sandbox`.
+
+    The rules themselves (namespaces, binds, seccomp) are fixed; these are the binary, the
+    dedicated uids and the limits. There is no setting that turns the sandbox off.
+    """
+
+    #: The bubblewrap binary; if it is missing, the node refuses to run any bundle.
+    bwrap: Path = Path("/usr/bin/bwrap")
+    #: The first of the dedicated unprivileged uids sandboxes run as (one per concurrent run).
+    uid: int = Field(default=61000, ge=1000, le=(1 << 31) - 2)
+    #: Wall-clock limit of one sandboxed step, seconds.
+    wall_seconds: float = Field(default=6 * 3600.0, gt=0, le=7 * 24 * 3600)
+    #: CPU-time limit of one step, seconds.
+    cpu_seconds: int = Field(default=24 * 3600, ge=1)
+    #: Address space of each process, bytes.
+    address_space: int = Field(default=32 << 30, ge=1 << 30)
+    #: Memory of the whole tree (cgroup, where the host allows), bytes.
+    memory: int = Field(default=12 << 30, ge=256 << 20)
+    #: Processes (and threads) of the tree.
+    processes: int = Field(default=512, ge=16, le=65536)
+    #: Open files of each process.
+    open_files: int = Field(default=512, ge=64, le=1 << 20)
+    #: Size of the sandbox's /tmp, bytes.
+    tmp_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    #: Size of the output directory, bytes.
+    output_bytes: int = Field(default=2 << 30, ge=1 << 20)
+
+
 # --- the node ----------------------------------------------------------------------------
 
 
@@ -320,6 +350,7 @@ class NodeSettings(Settings):
     ocr: OcrSettings = OcrSettings()
     view: ViewSettings = ViewSettings()
     policy: PolicySettings = PolicySettings()
+    sandbox: SandboxSettings = SandboxSettings()
     state_dir: Path
     audit_log: Path
 
