@@ -130,7 +130,8 @@ def test_the_dataset_reads_batches_from_the_memory_map(tmp_path: Path) -> None:
     with (tmp_path / "records.jsonl").open("w") as fh:
         for i in range(5):
             fh.write(json.dumps({"index": i, "labels": {"e": i % 2}}) + "\n")
-    dataset = RaphaDataset(tmp_path, names=["e"], channels=3)
+    dataset = RaphaDataset(tmp_path, names=["e"], channels=3, normalize="none")
+    standard = RaphaDataset(tmp_path, names=["e"])
 
     batch, labels = dataset.__getitems__([3, 1])
     batches = list(RaphaDataLoader(dataset, batch_size=2, shuffle=True, seed=1))
@@ -140,6 +141,9 @@ def test_the_dataset_reads_batches_from_the_memory_map(tmp_path: Path) -> None:
     assert torch.equal(batch[:, 0], batch[:, 2])
     assert labels.tolist() == [[1.0], [1.0]]
     assert sum(len(b[0]) for b in batches) == 5
+    one = standard[2][0]
+    assert float(one.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(one.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
 
 
 # --- DP plan ---------------------------------------------------------------------------------

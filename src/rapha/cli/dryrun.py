@@ -126,6 +126,7 @@ def dry_run(
         run_job,
         sandbox_from_settings,
     )
+    from rapha.node.quota import EvaluationQuota
     from rapha.node.settings import SandboxSettings, load_node_settings
 
     if synthetic == (view is not None):
@@ -149,8 +150,11 @@ def dry_run(
     rules = (
         JobRules.from_settings(settings.policy, **dp) if settings is not None else JobRules(**dp)
     )
+    quota = None
     if settings is not None:  # the hospital's own dry-run goes into its audit log
         audit = AuditLog(settings.audit_log, settings.keys.load().signing_key)
+        if settings.policy.evaluation_quota > 0:
+            quota = EvaluationQuota(settings.state_dir, limit=settings.policy.evaluation_quota)
     else:
         audit = AuditLog.create(work / "audit.jsonl", crypto.generate_private_key())
     with live.progress:
@@ -173,6 +177,7 @@ def dry_run(
                 audit=audit,
                 signer_pinned=True,
                 rules=rules,
+                quota=quota,
                 on_phase=live.phase,
                 on_event=live.event,
             )

@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 from rapha.audit import AuditLog
 from rapha.crypto import canonical_json, digest_bytes
 from rapha.errors import DataError, PolicyError, SandboxError
+from rapha.node.quota import EvaluationQuota
 from rapha.node.settings import PolicySettings, SandboxSettings
 from rapha.runtime.bundle import VerifiedBundle
 from rapha.runtime.dp import DPPlan, plan_dp
@@ -171,13 +172,16 @@ def run_job(
     audit: AuditLog,
     signer_pinned: bool,
     rules: JobRules | None = None,
+    quota: EvaluationQuota | None = None,
     on_phase: Phase | None = None,
     on_event: Callable[[ProgressEvent], None] | None = None,
 ) -> JobOutcome:
     """Run ``bundle`` on ``view`` (module docstring); the outbox is written only on allow.
 
     ``signer_pinned`` says whether the bundle was verified against the hospital's pinned
-    company keys (a company's own dry-run verifies against its own key).
+    company keys (a company's own dry-run verifies against its own key). ``quota``, when
+    given, is charged one evaluation of this view's test split for ``org`` before any
+    prediction runs (adaptive probing of a test split is what it limits).
 
     Raises:
         PolicyError: admission refused the job, or the guard denied its outputs.
@@ -276,6 +280,9 @@ def run_job(
             weights.write_bytes(raw)
             weights.chmod(0o644)
         phase("predict")
+        if quota is not None:
+            left = quota.charge(org, _view_digest(view))
+            audit.append("job.quota", {"job_id": job_id, "evaluations_left": left})
         order = _predict_input(view, ws.path("predict"))
         spec = {"mode": "predict", "predict_dir": "/predict", "weights": "/weights/w.safetensors"}
         predict_out = ws.scratch("predict-out", limits.output_bytes)
@@ -523,6 +530,13 @@ def _check_view(view: Path, manifest: BundleManifest) -> dict[str, int]:
     if manifest.bundle.kind.value == "train" and counts["train"] == 0:
         raise DataError("the view has no training records")
     return counts
+
+
+def _view_digest(view: Path) -> str:
+    digest = json.loads((view / "view.json").read_text(encoding="utf-8")).get("digest")
+    if not isinstance(digest, str):
+        raise DataError(f"{view} has no digest; it is not a view built by a Rapha node")
+    return digest
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:

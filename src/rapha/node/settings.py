@@ -297,7 +297,7 @@ class PolicySettings(Settings):
     #: Largest total size of what one job may send out, in bytes.
     max_output_bytes: int = Field(default=512 << 20, ge=1 << 10, le=16 << 30)
     #: Evaluate jobs one company may run on this node (each one probes the test split).
-    evaluation_quota: int = Field(default=20, ge=0)
+    evaluation_quota: int = Field(default=20, ge=1)
 
     def policy_input(self) -> dict[str, Any]:
         """The values the Rego policies see as ``input.hospital`` (paths left out)."""

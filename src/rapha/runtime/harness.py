@@ -145,6 +145,7 @@ def _train(spec: dict[str, Any], manifest: Any, writer: Any) -> None:
             uncertain=labels.uncertain.value,
             missing=labels.missing.value,
             channels=manifest.input.channels,
+            normalize=manifest.input.normalize.value,
         )
         for key in ("train_dir", "val_dir")
     ]
@@ -181,6 +182,7 @@ def _predict(spec: dict[str, Any], manifest: Any) -> None:
         names=manifest.labels.names,
         channels=manifest.input.channels,
         with_labels=False,
+        normalize=manifest.input.normalize.value,
     )
     model.eval()
     rows = []

@@ -79,10 +79,13 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class RaphaDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """One split of a view: ``(image C x H x W float32 in [0, 1], labels float32[F])``.
+    """One split of a view: ``(image C x H x W float32, labels float32[F])``.
 
-    ``with_labels=False`` reads pixels only (the predict sandbox has no labels); its label
-    tensors are all NaN. ``channels`` > 1 repeats the grey channel.
+    Images are the view's [0, 1] grey values, standardised per image (zero mean, unit
+    variance) unless ``normalize="none"``: a faint finding then does not drown in the
+    brightness differences between scanners. ``with_labels=False`` reads pixels only (the
+    predict sandbox has no labels); its label tensors are all NaN. ``channels`` > 1
+    repeats the grey channel.
     """
 
     def __init__(
@@ -94,7 +97,11 @@ class RaphaDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         missing: str = "ignore",
         channels: int = 1,
         with_labels: bool = True,
+        normalize: str = "per_image",
     ) -> None:
+        if normalize not in ("per_image", "none"):
+            raise ValueError("normalize must be 'per_image' or 'none'")
+        self.normalize = normalize
         split_dir = Path(split_dir)
         self.images: NDArray[Any] = np.load(
             split_dir / "images.npy", mmap_mode="r", allow_pickle=False
@@ -123,6 +130,10 @@ class RaphaDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         order = np.asarray(indices, dtype=np.int64)
         pixels = np.asarray(self.images[np.sort(order)], dtype=np.float32) / self._scale
         pixels = pixels[np.argsort(np.argsort(order))]  # back to the requested order
+        if self.normalize == "per_image":
+            mean = pixels.mean(axis=(1, 2), keepdims=True)
+            std = pixels.std(axis=(1, 2), keepdims=True)
+            pixels = (pixels - mean) / np.maximum(std, np.float32(1e-3))
         batch = torch.from_numpy(pixels).unsqueeze(1)
         if self.channels > 1:
             batch = batch.expand(-1, self.channels, -1, -1).contiguous()

@@ -69,6 +69,7 @@ __all__ = [
     "MissingPolicy",
     "ModelSource",
     "ModelSpec",
+    "Normalize",
     "Optimizer",
     "OutputSpec",
     "PrivacySpec",
@@ -119,6 +120,13 @@ class Optimizer(StrEnum):
     SGD = "sgd"
 
 
+class Normalize(StrEnum):
+    """How the loader scales each image before the model sees it."""
+
+    PER_IMAGE = "per_image"  # zero mean, unit variance per image (the default)
+    NONE = "none"  # the view's [0, 1] grey values as stored
+
+
 class UncertainPolicy(StrEnum):
     """How a label value of -1 (uncertain) is used."""
 
@@ -157,10 +165,12 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True)
 class InputSpec:
-    """``[input]``: channels the model expects and the image size ``(height, width)``."""
+    """``[input]``: channels the model expects, the image size ``(height, width)`` and the
+    per-image scaling the loader applies (``normalize``)."""
 
     channels: int
     size: tuple[int, int]
+    normalize: Normalize = Normalize.PER_IMAGE
 
     @property
     def height(self) -> int:
@@ -235,7 +245,11 @@ class BundleManifest:
                 "kind": self.bundle.kind.value,
             },
             "model": model,
-            "input": {"channels": self.input.channels, "size": list(self.input.size)},
+            "input": {
+                "channels": self.input.channels,
+                "size": list(self.input.size),
+                "normalize": self.input.normalize.value,
+            },
             "labels": {
                 "names": list(self.labels.names),
                 "uncertain": self.labels.uncertain.value,
@@ -365,8 +379,9 @@ def _parse_input(t: Table) -> InputSpec:
         raise ManifestError("input.size must be [height, width], two integers")
     if not all(8 <= v <= 1024 for v in size):
         raise ManifestError("input.size values must be between 8 and 1024")
+    normalize = t.choice("normalize", Normalize, Normalize.PER_IMAGE)
     t.done()
-    return InputSpec(channels, (size[0], size[1]))
+    return InputSpec(channels, (size[0], size[1]), normalize)
 
 
 def _parse_labels(t: Table) -> LabelSpec:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from rapha import crypto
 from rapha.audit import AuditLog, verify_log
 from rapha.node.job import JobOutcome, JobRules, run_job
+from rapha.node.quota import EvaluationQuota
 from rapha.node.synthetic import PreparedView, prepare_synthetic_view
 from rapha.runtime.bundle import sign_bundle, verify_bundle
 from rapha.runtime.sandbox import SANDBOX_UID, UID_POOL, Sandbox, SandboxLimits
@@ -155,7 +156,12 @@ class Node:
         return root
 
     def run(
-        self, train_body: str, *, extra: str = "", limits: SandboxLimits | None = None
+        self,
+        train_body: str,
+        *,
+        extra: str = "",
+        limits: SandboxLimits | None = None,
+        quota: EvaluationQuota | None = None,
     ) -> JobOutcome:
         root = self.bundle(train_body, extra=extra)
         verified = verify_bundle(root, trusted_keys=None, workdir=self.work / f"v-{self.runs}")
@@ -173,6 +179,7 @@ class Node:
             audit=self.audit,
             signer_pinned=True,
             rules=JobRules(bootstrap=50),
+            quota=quota,
         )
 
     @property

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from rapha.errors import PolicyError
+from rapha.node.quota import EvaluationQuota
 
 from .conftest import Node
 
@@ -160,3 +161,18 @@ def test_an_honest_bundle_passes_the_same_guard(node: Node) -> None:
     assert outcome.decision.allowed
     names = sorted(p.name for p in node.outbox.iterdir())
     assert names == ["metrics.json", "weights.safetensors"]
+
+
+def test_adaptive_probing_is_capped_by_the_evaluation_quota(node: Node) -> None:
+    quota = EvaluationQuota(node.work / "state", limit=1)
+    node.run("return None\n", quota=quota)
+
+    with pytest.raises(PolicyError, match="limit"):
+        node.run("return None\n", quota=quota)
+
+    predicts = [
+        json.loads(line)
+        for line in node.audit_path.read_text().splitlines()
+        if '"job.sandbox"' in line and '"predict"' in line
+    ]
+    assert len(predicts) == 1  # the second job never saw a test pixel
