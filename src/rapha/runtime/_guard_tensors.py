@@ -27,11 +27,10 @@ from typing import Any, Final
 
 import numpy as np
 
+from rapha.runtime._safetensors import MAX_HEADER_BYTES, HeaderError, parse_header
+
 __all__ = ["Tensor", "TensorError", "check_finite", "compare", "encode", "parse", "summary"]
 
-_MAX_HEADER: Final = 100 << 20  # the reference implementation's limit too
-_FIELDS: Final = frozenset({"dtype", "shape", "data_offsets"})
-_METADATA: Final = "__metadata__"
 #: dtype -> (bytes per element, numpy dtype for the finiteness check or None).
 _DTYPES: Final[dict[str, tuple[int, str | None]]] = {
     "BOOL": (1, None),
@@ -68,70 +67,30 @@ class Tensor:
     data: memoryview
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise TensorError("malformed_weights")
-        out[key] = value
-    return out
-
-
-def _count(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TensorError("malformed_weights")
-    return value
-
-
 def parse(raw: bytes) -> dict[str, Tensor]:
     """The tensors of a safetensors file held in ``raw``; :class:`TensorError` otherwise.
 
-    Codes: ``malformed_weights`` (not safetensors, or not strictly so) and
-    ``unsupported_dtype`` (a dtype the guard cannot check, such as the FP8 types).
+    The header is checked by :func:`rapha.runtime._safetensors.parse_header`, the same
+    validator bundle verification uses. Codes: ``malformed_weights`` (not safetensors, or
+    not strictly so) and ``unsupported_dtype`` (a dtype the guard cannot check, such as
+    the FP8 types).
     """
     if len(raw) < 8:
         raise TensorError("malformed_weights")
     (size,) = struct.unpack("<Q", raw[:8])
-    if size > _MAX_HEADER or 8 + size > len(raw):
+    if size > MAX_HEADER_BYTES or 8 + size > len(raw):
         raise TensorError("malformed_weights")
     try:
-        header = json.loads(raw[8 : 8 + size].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise TensorError("malformed_weights") from exc
-    if not isinstance(header, dict):
-        raise TensorError("malformed_weights")
-    metadata = header.pop(_METADATA, {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise TensorError("malformed_weights")
+        entries = parse_header(raw[8 : 8 + size], data_size=len(raw) - 8 - size)
+    except HeaderError as exc:
+        raise TensorError(exc.code) from exc
     buffer = memoryview(raw)[8 + size :]
-    spans: list[tuple[int, int, str]] = []
     tensors: dict[str, Tensor] = {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != _FIELDS:
-            raise TensorError("malformed_weights")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or not isinstance(shape, list):
-            raise TensorError("malformed_weights")
-        if dtype not in _DTYPES:
-            code = "unsupported_dtype" if dtype.startswith("F8") else "malformed_weights"
-            raise TensorError(code)
-        dims = tuple(_count(d) for d in shape)
-        if not isinstance(offsets, list) or len(offsets) != 2:
-            raise TensorError("malformed_weights")
-        begin, end = _count(offsets[0]), _count(offsets[1])
-        if end < begin or end - begin != math.prod(dims) * _DTYPES[dtype][0]:
-            raise TensorError("malformed_weights")
-        spans.append((begin, end, name))
-        tensors[name] = Tensor(dtype, dims, buffer[begin:end])
-    position = 0
-    for begin, end, _ in sorted(spans):
-        if begin != position:  # a hole (hidden bytes) or an overlap
-            raise TensorError("malformed_weights")
-        position = end
-    if position != len(buffer):  # bytes after the last tensor
-        raise TensorError("malformed_weights")
-    for tensor in tensors.values():
-        if tensor.dtype == "BOOL" and np.any(np.frombuffer(tensor.data, dtype=np.uint8) > 1):
+    for name, entry in entries.items():
+        if entry.dtype not in _DTYPES:
+            raise TensorError("unsupported_dtype")
+        tensors[name] = Tensor(entry.dtype, entry.shape, buffer[entry.begin : entry.end])
+        if entry.dtype == "BOOL" and np.any(np.frombuffer(tensors[name].data, np.uint8) > 1):
             raise TensorError("malformed_weights")
     return tensors
 

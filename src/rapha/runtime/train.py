@@ -147,9 +147,10 @@ def train_trusted(
             loss = masked_bce(trained(images), targets)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-            running += float(loss) * len(images)
+            value = float(loss.detach())
+            running += value * len(images)
             seen += len(images)
-            progress.emit(epoch=epoch, epochs=epochs, step=step, steps=total, loss=float(loss))
+            progress.emit(epoch=epoch, epochs=epochs, step=step, steps=total, loss=value)
         report.train_loss.append(running / seen if seen else math.nan)
         report.val_loss.append(evaluate_loss(model, val, batch_size))
         progress.emit(epoch=epoch, epochs=epochs, step=step, steps=total, loss=report.val_loss[-1])

@@ -71,4 +71,4 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 #             loss.backward()
 #             optimizer.step()
 #             ctx.progress(epoch=epoch, epochs=hparams["epochs"], step=step, steps=steps,
-#                          loss=float(loss))
+#                          loss=float(loss.detach()))
