@@ -23,13 +23,13 @@ from torch import nn
 
 
 class Net(nn.Module):
-    """Three conv blocks (conv3x3, GroupNorm, ReLU, max-pool), global pool, linear."""
+    """Four conv blocks (conv3x3, GroupNorm, ReLU, max-pool), global pool, linear."""
 
-    def __init__(self, in_channels: int, num_labels: int, width: int = 16) -> None:
+    def __init__(self, in_channels: int, num_labels: int, width: int = 32) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         c_in = in_channels
-        for c_out in (width, 2 * width, 4 * width):
+        for c_out in (width, 2 * width, 4 * width, 8 * width):
             blocks += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
                 nn.GroupNorm(8, c_out),
