@@ -107,3 +107,19 @@ def test_sign_refuses_a_bundle_a_node_would_refuse(tmp_path: Path, key_file: Pat
     assert result.exit_code == ExitCode.INTEGRITY
     assert "notes.txt" in _flat(result.output)
     assert not (bundle / "bundle.sig").exists()
+
+
+def test_weights_rebuilds_the_initial_weights_after_the_model_changed(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    runner.invoke(app, ["job", "init", str(bundle), "--zoo", "rapha.SmallCNN", "--size", "32"])
+    before = read_weights_spec(bundle / "weights.safetensors")
+    manifest = bundle / "bundle.toml"
+    manifest.write_text(manifest.read_text().replace("kwargs = {}", "kwargs = { width = 8 }"))
+
+    result = runner.invoke(app, ["job", "weights", str(bundle)])
+
+    assert result.exit_code == 0, result.output
+    after = read_weights_spec(bundle / "weights.safetensors")
+    assert set(after) == set(before)
+    assert after != before  # narrower convolutions
+    assert "sign the bundle again" in " ".join(result.output.split())

@@ -58,7 +58,7 @@ class _Live:
         self.task = self.progress.add_task("starting", total=None, note="")
 
     def phase(self, name: str) -> None:
-        self.progress.update(self.task, description=name, total=None, completed=0, note="")
+        self.progress.reset(self.task, total=None, description=name, note="")
 
     def build(self, what: str, done: int, total: int) -> None:
         label = "writing the synthetic archive" if what == "archive" else "building the view"

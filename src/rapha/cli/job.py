@@ -30,7 +30,13 @@ from rapha.runtime.bundle import (
     key_fingerprint,
     sign_bundle,
 )
-from rapha.runtime.manifest import MANIFEST_NAME, BundleManifest, JobKind, parse_manifest
+from rapha.runtime.manifest import (
+    MANIFEST_NAME,
+    BundleManifest,
+    JobKind,
+    load_manifest,
+    parse_manifest,
+)
 from rapha.runtime.zoo import ZOO
 
 __all__ = ["app"]
@@ -165,6 +171,21 @@ def sign(
     console.print(f"bundle digest:   {digest}", soft_wrap=True, highlight=False)
     console.print(f"key fingerprint: {result['fingerprint']}", highlight=False)
     console.print(f"public key (hex) for hospitals to pin: {result['public_key']}", soft_wrap=True)
+
+
+@app.command("weights")
+def weights(
+    directory: Annotated[Path, typer.Argument(help="Bundle directory whose model changed.")],
+) -> None:
+    """Rebuild weights.safetensors from bundle.toml (and model.py), after you changed them.
+
+    The initial weights are the bundle's contract: only tensors with their names, shapes
+    and dtypes may come back. Run this after editing the model or its kwargs, then sign
+    again. Trained weights for an evaluate job are yours to copy in instead.
+    """
+    manifest = load_manifest(directory / MANIFEST_NAME)
+    path = _write_weights(directory, manifest)
+    console.print(f"wrote {path}; sign the bundle again: rapha job sign {directory} --key …")
 
 
 # --- helpers -----------------------------------------------------------------------------

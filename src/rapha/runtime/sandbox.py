@@ -92,6 +92,10 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "TMPDIR": "/tmp",  # noqa: S108
     "LANG": "C.UTF-8",
     "LC_ALL": "C.UTF-8",
+    # The sandbox's uid has no passwd entry; getpass.getuser() (MONAI calls it on import)
+    # reads these first instead of failing on getpwuid().
+    "USER": "sandbox",
+    "LOGNAME": "sandbox",
     "PYTHONHASHSEED": "0",
     "PYTHONDONTWRITEBYTECODE": "1",
 }
