@@ -27,7 +27,6 @@ in a dry-run and only as a class and code in production.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import traceback
@@ -82,35 +81,15 @@ class TrainContext:
         self.writer.emit(epoch=epoch, epochs=epochs, step=step, steps=steps, loss=loss)
 
 
-class _SpecError(Exception):
-    pass
-
-
-def _load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bundle_model", path)
-    if spec is None or spec.loader is None:
-        raise _SpecError("model.py cannot be loaded")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bundle_model"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _build(manifest: Any, bundle: Path) -> tuple[Any, ModuleType | None]:
-    import torch
-
     if manifest.model.source.value == "zoo":
         from rapha.runtime.zoo import build_model
 
         return build_model(manifest), None
-    module = _load_module(bundle / "model.py")
-    build = getattr(module, "build_model", None)
-    if not callable(build):
-        raise TypeError("model.py must define build_model(spec) -> torch.nn.Module")
-    model = build(manifest.to_json())
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError("build_model(spec) must return a torch.nn.Module")
-    return model, module
+    from rapha.runtime._custom import build_custom_model, load_custom_module
+
+    module = load_custom_module(bundle / "model.py")
+    return build_custom_model(module, manifest), module
 
 
 def _load_weights(model: Any, path: Path) -> None:

@@ -367,7 +367,10 @@ class Sandbox:
         read_end, write_end = os.pipe()
         seccomp = _sealed_file(self._filter.program)
         cmd = [str(self.bwrap), *self._base_args(), "--seccomp", str(seccomp)]
-        for bind in binds:
+        runtime = [Bind(Path(p), p) for p in _python_paths()]
+        # Parents before children: a /tmp scratch bound after a runtime living under /tmp
+        # (a checkout in /tmp, say) would hide it.
+        for bind in sorted([*runtime, *binds], key=lambda b: len(Path(b.target).parts)):
             flag = "--bind" if bind.writable else "--ro-bind"
             cmd += [flag, str(Path(bind.source).resolve()), bind.target]
         # The fresh root itself (a tmpfs) becomes read-only: only /out and /tmp are writable.
@@ -435,8 +438,6 @@ class Sandbox:
 
     def _base_args(self) -> list[str]:
         args = [*self._namespace_args(), "--hostname", "sandbox", *self._root_args()]
-        for path in _python_paths():
-            args += ["--ro-bind", path, path]
         python_home = str(self.python.resolve().parent.parent)
         if not python_home.startswith("/usr"):  # a node whose interpreter lives elsewhere
             args += ["--ro-bind", python_home, python_home]
