@@ -98,7 +98,9 @@ def test_a_node_whose_configured_bwrap_is_missing_refuses(
     init_node(tmp_path / "node", name="no-sandbox")
     config = tmp_path / "node" / "node.toml"
     missing = tmp_path / "gone" / "bwrap"
-    config.write_text(config.read_text() + f'\n[sandbox]\nbwrap = "{missing}"\n')
+    text = config.read_text()
+    assert 'bwrap = "/usr/bin/bwrap"' in text  # node init writes the [sandbox] table
+    config.write_text(text.replace('bwrap = "/usr/bin/bwrap"', f'bwrap = "{missing}"'))
     bundle = make_bundle(tmp_path / "b", company_key, "--zoo", "rapha.SmallCNN")
 
     code, out = rapha(
