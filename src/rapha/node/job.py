@@ -222,10 +222,28 @@ def run_job(
 
     runs: dict[str, SandboxResult] = {}
     limits = sandbox.limits
+    policy = OutputPolicy(files=manifest.outputs.files, max_total_bytes=rules.max_output_bytes)
     with sandbox.workspace() as ws:
         staged = ws.stage(bundle.root, "bundle")
         weights = staged / "weights.safetensors"
         train_out = ws.scratch("train-out", limits.output_bytes)
+
+        def guard(metrics: Mapping[str, Any]) -> GuardDecision:
+            """The output guard on the train sandbox's output (empty for evaluate jobs)."""
+            return guard_outputs(
+                out_dir=train_out,
+                outbox=outbox,
+                initial_weights=bundle.root / "weights.safetensors",
+                policy=policy,
+                needles=needles,
+                metrics=metrics,
+                dp=metrics.get("dp"),
+                job=job,
+                rego_policy=rules.output_policy,
+                audit=audit,
+                hospital=rules.hospital_input(),
+            )
+
         if kind == "train":
             phase("train")
             spec = {
@@ -261,18 +279,7 @@ def run_job(
             if early:
                 # Deny now, through the guard (so the decision is audited), before a
                 # predict sandbox spends time on outputs that can never leave.
-                decision = guard_outputs(
-                    out_dir=train_out,
-                    outbox=outbox,
-                    initial_weights=bundle.root / "weights.safetensors",
-                    policy=policy,
-                    needles=needles,
-                    metrics={"job": job, "evaluated": False},
-                    dp=None,
-                    job=job,
-                    rego_policy=rules.output_policy,
-                    audit=audit,
-                )
+                decision = guard({"job": job, "evaluated": False})
                 _raise_if_denied(decision)
             raw = _read_sandbox_file(
                 train_out / "weights.safetensors", limits.output_bytes, "weights", "weights"
@@ -304,20 +311,7 @@ def run_job(
             {"job_id": job_id, "metrics_sha256": digest_bytes(canonical_json(metrics))},
         )
         phase("guard")
-        policy = OutputPolicy(files=manifest.outputs.files, max_total_bytes=rules.max_output_bytes)
-        decision = guard_outputs(
-            out_dir=train_out,
-            outbox=outbox,
-            initial_weights=bundle.root / "weights.safetensors",
-            policy=policy,
-            needles=needles,
-            metrics=metrics,
-            dp=metrics["dp"],
-            job=job,
-            rego_policy=rules.output_policy,
-            audit=audit,
-            hospital=rules.hospital_input(),
-        )
+        decision = guard(metrics)
     _raise_if_denied(decision)
     digest = next(f.sha256 for f in decision.files if f.name == METRICS_FILE)
     audit.append("job.outbox", {"job_id": job_id, "files": len(decision.files) + 1})
