@@ -27,6 +27,7 @@ The tree::
     ├── PolicyError                 exit 7   a policy refused a bundle, job or output
     ├── SandboxError                exit 8   untrusted code failed, timed out or was killed
     ├── RemoteError                 exit 9   a server (PACS, hub, chain) failed or is unreachable
+    │   └── SettlementError                  a chain call reverted; carries the reason
     └── DependencyError             exit 10  a required system package or server is missing
 """
 
@@ -50,6 +51,7 @@ __all__ = [
     "RemoteError",
     "SandboxError",
     "ScopeError",
+    "SettlementError",
     "SignatureError",
     "UnsafeArchiveError",
     "UsageError",
@@ -174,6 +176,18 @@ class RemoteError(RaphaError):
     """A remote server (PACS, hub, chain node) failed or could not be reached."""
 
     exit_code = ExitCode.REMOTE
+
+
+class SettlementError(RemoteError):
+    """A chain transaction or call reverted (escrow, settlement, refund, withdrawal).
+
+    ``reason`` is the contract's revert reason (for example ``"job already settled"``); it
+    is chosen by our own contract, so it is safe to show.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the chain refused the transaction: {reason}")
+        self.reason = reason
 
 
 class DependencyError(RaphaError):

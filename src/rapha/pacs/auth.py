@@ -11,6 +11,7 @@ without HTTPS. Secrets never appear in a ``repr``.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class _VerifyWith(requests.adapters.HTTPAdapter):
         timeout: Any = None,
         verify: Any = True,
         cert: Any = None,
-        proxies: dict[str, str] | None = None,
+        proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         return super().send(
             request,
