@@ -11,9 +11,10 @@ runs inside:
 * **namespaces**: new user, PID, IPC, UTS, cgroup and network namespaces; the network one
   has only loopback, so nothing can be reached, not even the host's loopback.
 * **filesystem**: a fresh root holding only read-only binds of ``/usr`` (and the
-  ``/lib*``, ``/bin``, ``/sbin`` links or directories), the runtime's Python packages, and
-  what the job passes (its inputs, the bundle, the job spec), plus ``/proc``, a minimal
-  ``/dev``, and the writable scratch directories. ``/`` is never bound.
+  ``/lib*``, ``/bin``, ``/sbin`` links or directories), the runtime's Python packages (at
+  fixed ``/runtime/N`` paths, so the host's layout stays hidden), and what the job passes
+  (its inputs, the bundle, the job spec), plus ``/proc``, a minimal ``/dev``, and the
+  writable scratch directories. ``/`` is never bound.
 * **scratch**: ``/tmp`` and the output directory are host tmpfs mounts capped by size
   (:meth:`Workspace.scratch`), owned by the sandbox uid; inputs are staged into a
   workspace the sandbox uid can traverse (:meth:`Sandbox.workspace`);
@@ -105,6 +106,8 @@ _ROOT_LINKS: Final = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _MS_NOSUID: Final = 2
 _MS_NODEV: Final = 4
 _MNT_DETACH: Final = 2
+RUNTIME_ROOT: Final = "/runtime"
+"""Where the runtime's package directories appear inside the sandbox."""
 _BOOT: Final = (
     "import sys; sys.path[:0] = sys.argv[1].split(':'); "
     "from rapha.runtime.harness import main; sys.exit(main(sys.argv[2:]))"
@@ -187,6 +190,15 @@ def _python_paths() -> list[str]:
     if not any(package_root.startswith(p) for p in paths):
         paths.append(package_root)
     return paths
+
+
+def _runtime_binds() -> list[Bind]:
+    """The runtime's package directories, each mounted at a fixed ``/runtime/N``.
+
+    Fixed targets keep the host's layout (where the node is checked out or installed)
+    out of the sandbox: model code sees ``/runtime``, never the host path.
+    """
+    return [Bind(Path(p), f"{RUNTIME_ROOT}/{i}") for i, p in enumerate(_python_paths())]
 
 
 class Sandbox:
@@ -334,7 +346,8 @@ class Sandbox:
         uid: int | None = None,
     ) -> SandboxResult:
         """Run ``rapha.runtime.harness`` inside with ``args`` (see :meth:`run`)."""
-        argv = [str(self.python), "-I", "-S", "-B", "-c", _BOOT, ":".join(_python_paths())]
+        paths = ":".join(b.target for b in _runtime_binds())
+        argv = [str(self.python), "-I", "-S", "-B", "-c", _BOOT, paths]
         argv += [*args, "--progress-fd", PROGRESS_FD_ARG]
         return self.run(argv, binds=binds, on_event=on_event, uid=uid)
 
@@ -367,9 +380,10 @@ class Sandbox:
         read_end, write_end = os.pipe()
         seccomp = _sealed_file(self._filter.program)
         cmd = [str(self.bwrap), *self._base_args(), "--seccomp", str(seccomp)]
-        runtime = [Bind(Path(p), p) for p in _python_paths()]
-        # Parents before children: a /tmp scratch bound after a runtime living under /tmp
-        # (a checkout in /tmp, say) would hide it.
+        runtime = _runtime_binds()
+        if any(Path(b.target).is_relative_to(RUNTIME_ROOT) for b in binds):
+            raise UsageError(f"sandbox binds may not target {RUNTIME_ROOT}")
+        # Parents before children, so no bind is hidden by a later one on its parent.
         for bind in sorted([*runtime, *binds], key=lambda b: len(Path(b.target).parts)):
             flag = "--bind" if bind.writable else "--ro-bind"
             cmd += [flag, str(Path(bind.source).resolve()), bind.target]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import rapha
 from rapha.node.job import JobError
 
 from .conftest import Node, Secrets, attack_limits, no_sandbox_processes
@@ -215,10 +216,12 @@ try:
 except OSError as exc:
     verdict(True, "read " + type(exc).__name__)
 """
+    checkout = str(Path(rapha.__file__).resolve().parent)
+    body += f"verdict(not os.path.exists({checkout!r}), 'host checkout hidden')\n"
     body += """
 seen = sorted(os.listdir("/"))
 verdict(set(seen) <= {"bin", "bundle", "dev", "etc", "job", "lib", "lib32", "lib64", "libx32",
-        "out", "proc", "sbin", "tmp", "usr", "view", "work", "root", "opt", "srv", "home"},
+        "out", "proc", "runtime", "sbin", "tmp", "usr", "view"},
         "root listing " + ",".join(seen))
 verdict(sorted(os.listdir("/view")) == ["train", "val"], "splits " + ",".join(os.listdir("/view")))
 verdict(os.listdir("/etc") == ["ld.so.cache"], "etc " + ",".join(os.listdir("/etc")))
