@@ -108,7 +108,7 @@ class ClearingVault:
         return self.chain.transact(self.contract.functions.set_operator(operator), owner)
 
     def job(self, job_id: bytes) -> JobState:
-        raw = self.chain.call(self.contract.functions.jobs(job_id))
+        raw = self.chain.call(self.contract.functions.job(job_id))
         return JobState(
             payer=str(raw[0]),
             status=JobStatus(raw[1]),

@@ -38,7 +38,25 @@ SETTLED: constant(uint8) = 2
 FAILED: constant(uint8) = 3
 REFUNDED: constant(uint8) = 4
 
+# Amounts and prices fit 96 bits (7.9e22 USDC) and record counts 64 bits, so a job packs
+# into five slots and settle writes three fresh ones. Layout (bit offsets, low first):
+#   head:    payer [0, 160) | status [160, 168) | deadline [168, 232)
+#   terms:   budget [0, 96) | max_price_per_record [96, 192)
+#   figures: records [0, 64) | price_per_record [64, 160) | amount_due [160, 256)
+MAX_AMOUNT: public(constant(uint256)) = 2**96 - 1
+MAX_RECORDS: public(constant(uint256)) = 2**64 - 1
+MASK_64: constant(uint256) = 2**64 - 1
+MASK_160: constant(uint256) = 2**160 - 1
+
 struct Job:
+    head: uint256
+    terms: uint256
+    figures: uint256
+    receipt_hash: bytes32
+    hospital_id: bytes32
+
+# What job() returns: a job's fields, unpacked.
+struct JobView:
     payer: address
     status: uint8
     budget: uint256
@@ -105,7 +123,7 @@ registry_delay: public(immutable(uint256))
 refund_delay: public(immutable(uint256))
 owner: public(address)
 operator: public(address)
-jobs: public(HashMap[bytes32, Job])
+jobs: HashMap[bytes32, Job]
 hospitals: public(HashMap[bytes32, Hospital])
 credits: public(HashMap[address, uint256])
 
@@ -139,10 +157,36 @@ def _split(amount_due: uint256) -> (uint256, uint256):
 
 @internal
 @view
-def _current(h: Hospital) -> (address, address):
-    if h.eta != 0 and block.timestamp >= h.eta:
-        return h.next_payout, h.next_signer
-    return h.payout, h.signer
+def _current(hospital_id: bytes32) -> (address, address):
+    # Three reads, not five: only the pair in force is loaded.
+    eta: uint256 = self.hospitals[hospital_id].eta
+    if eta != 0 and block.timestamp >= eta:
+        return self.hospitals[hospital_id].next_payout, self.hospitals[hospital_id].next_signer
+    return self.hospitals[hospital_id].payout, self.hospitals[hospital_id].signer
+
+
+@internal
+@pure
+def _status(head: uint256) -> uint8:
+    return convert((head >> 160) & 255, uint8)
+
+
+@internal
+@pure
+def _payer(head: uint256) -> address:
+    return convert(convert(head & MASK_160, uint160), address)
+
+
+@internal
+@pure
+def _deadline(head: uint256) -> uint256:
+    return (head >> 168) & MASK_64
+
+
+@internal
+@pure
+def _with_status(head: uint256, status: uint8) -> uint256:
+    return (head & ~(255 << 160)) | (convert(status, uint256) << 160)
 
 
 @external
@@ -173,19 +217,44 @@ def _digest(
 @view
 def hospital(hospital_id: bytes32) -> (address, address):
     """@notice The payout address and settlement signer in force now."""
-    return self._current(self.hospitals[hospital_id])
+    return self._current(hospital_id)
 
 
 @external
 @view
 def split(job_id: bytes32) -> (uint256, uint256, uint256):
     """@notice (hospital amount, treasury amount, payer refund) of a settled job."""
-    job: Job = self.jobs[job_id]
+    job: JobView = self._view(job_id)
     assert job.status == SETTLED, "job not settled"
     hospital_amount: uint256 = 0
     treasury_amount: uint256 = 0
     hospital_amount, treasury_amount = self._split(job.amount_due)
     return hospital_amount, treasury_amount, job.budget - job.amount_due
+
+
+@external
+@view
+def job(job_id: bytes32) -> JobView:
+    """@notice Everything stored for a job, unpacked (status 0: no such job)."""
+    return self._view(job_id)
+
+
+@internal
+@view
+def _view(job_id: bytes32) -> JobView:
+    job: Job = self.jobs[job_id]
+    return JobView(
+        payer=self._payer(job.head),
+        status=self._status(job.head),
+        budget=job.terms & MAX_AMOUNT,
+        max_price_per_record=(job.terms >> 96) & MAX_AMOUNT,
+        deadline=self._deadline(job.head),
+        hospital_id=job.hospital_id,
+        receipt_hash=job.receipt_hash,
+        records=job.figures & MAX_RECORDS,
+        price_per_record=(job.figures >> 64) & MAX_AMOUNT,
+        amount_due=job.figures >> 160,
+    )
 
 
 @external
@@ -204,7 +273,7 @@ def propose_hospital(hospital_id: bytes32, payout: address, signer: address):
     assert signer != empty(address), "signer is zero"
     payout_now: address = empty(address)
     signer_now: address = empty(address)
-    payout_now, signer_now = self._current(self.hospitals[hospital_id])
+    payout_now, signer_now = self._current(hospital_id)
     eta: uint256 = block.timestamp + registry_delay
     self.hospitals[hospital_id] = Hospital(
         payout=payout_now, signer=signer_now, next_payout=payout, next_signer=signer, eta=eta
@@ -215,21 +284,18 @@ def propose_hospital(hospital_id: bytes32, payout: address, signer: address):
 @external
 def deposit(client_job_id: bytes32, budget: uint256, max_price_per_record: uint256) -> bytes32:
     assert budget > 0, "budget is zero"
+    assert budget <= MAX_AMOUNT, "budget too large"
+    assert max_price_per_record <= MAX_AMOUNT, "max price too large"
     job_id: bytes32 = keccak256(abi_encode(msg.sender, client_job_id))
-    assert self.jobs[job_id].status == 0, "job id in use"
+    assert self.jobs[job_id].head == 0, "job id in use"
     deadline: uint256 = block.timestamp + refund_delay
-    self.jobs[job_id] = Job(
-        payer=msg.sender,
-        status=OPEN,
-        budget=budget,
-        max_price_per_record=max_price_per_record,
-        deadline=deadline,
-        hospital_id=empty(bytes32),
-        receipt_hash=empty(bytes32),
-        records=0,
-        price_per_record=0,
-        amount_due=0,
+    assert deadline <= MASK_64, "deadline too far"
+    self.jobs[job_id].head = (
+        convert(convert(msg.sender, uint160), uint256)
+        | (convert(OPEN, uint256) << 160)
+        | (deadline << 168)
     )
+    self.jobs[job_id].terms = budget | (max_price_per_record << 96)
     assert extcall token.transferFrom(msg.sender, self, budget, default_return_value=True), "transfer failed"
     log Deposited(
         job_id=job_id,
@@ -261,13 +327,16 @@ def settle(
     node_signature: Bytes[65],
 ):
     assert msg.sender == self.operator, "only operator"
-    job: Job = self.jobs[job_id]
-    self._assert_open(job.status)
-    assert block.timestamp < job.deadline, "job past deadline"
-    assert price_per_record <= job.max_price_per_record, "price above maximum"
+    head: uint256 = self.jobs[job_id].head
+    self._assert_open(self._status(head))
+    assert block.timestamp < self._deadline(head), "job past deadline"
+    terms: uint256 = self.jobs[job_id].terms
+    budget: uint256 = terms & MAX_AMOUNT
+    assert price_per_record <= (terms >> 96) & MAX_AMOUNT, "price above maximum"
+    assert records <= MAX_RECORDS, "records too large"
     payout: address = empty(address)
     signer: address = empty(address)
-    payout, signer = self._current(self.hospitals[hospital_id])
+    payout, signer = self._current(hospital_id)
     assert signer != empty(address), "unknown hospital"
 
     digest: bytes32 = keccak256(
@@ -282,21 +351,19 @@ def settle(
     assert s <= HALF_N, "bad node signature"
     assert ecrecover(digest, v, r, s) == signer, "bad node signature"
 
-    amount_due: uint256 = min(job.budget, records * price_per_record)
+    amount_due: uint256 = min(budget, records * price_per_record)
     hospital_amount: uint256 = 0
     treasury_amount: uint256 = 0
     hospital_amount, treasury_amount = self._split(amount_due)
-    payer_refund: uint256 = job.budget - amount_due
+    payer_refund: uint256 = budget - amount_due
 
-    self.jobs[job_id].status = SETTLED
-    self.jobs[job_id].hospital_id = hospital_id
+    self.jobs[job_id].head = self._with_status(head, SETTLED)
+    self.jobs[job_id].figures = records | (price_per_record << 64) | (amount_due << 160)
     self.jobs[job_id].receipt_hash = receipt_hash
-    self.jobs[job_id].records = records
-    self.jobs[job_id].price_per_record = price_per_record
-    self.jobs[job_id].amount_due = amount_due
+    self.jobs[job_id].hospital_id = hospital_id
     self.credits[payout] += hospital_amount
     self.credits[treasury] += treasury_amount
-    self.credits[job.payer] += payer_refund
+    self.credits[self._payer(head)] += payer_refund
     log Settled(
         job_id=job_id,
         hospital_id=hospital_id,
@@ -314,23 +381,26 @@ def settle(
 @external
 def mark_failed(job_id: bytes32):
     assert msg.sender == self.operator, "only operator"
-    self._assert_open(self.jobs[job_id].status)
-    self.jobs[job_id].status = FAILED
+    head: uint256 = self.jobs[job_id].head
+    self._assert_open(self._status(head))
+    self.jobs[job_id].head = self._with_status(head, FAILED)
     log MarkedFailed(job_id=job_id)
 
 
 @external
 def refund(job_id: bytes32):
     """@notice The payer's whole deposit back, after mark_failed or after the deadline."""
-    job: Job = self.jobs[job_id]
-    assert job.status != 0, "unknown job"
-    assert msg.sender == job.payer, "only payer"
-    assert job.status != SETTLED, "job already settled"
-    assert job.status != REFUNDED, "job already refunded"
-    assert job.status == FAILED or block.timestamp >= job.deadline, "job still open"
-    self.jobs[job_id].status = REFUNDED
-    self.credits[job.payer] += job.budget
-    log Refunded(job_id=job_id, payer=job.payer, amount=job.budget)
+    head: uint256 = self.jobs[job_id].head
+    status: uint8 = self._status(head)
+    assert status != 0, "unknown job"
+    assert msg.sender == self._payer(head), "only payer"
+    assert status != SETTLED, "job already settled"
+    assert status != REFUNDED, "job already refunded"
+    assert status == FAILED or block.timestamp >= self._deadline(head), "job still open"
+    budget: uint256 = self.jobs[job_id].terms & MAX_AMOUNT
+    self.jobs[job_id].head = self._with_status(head, REFUNDED)
+    self.credits[msg.sender] += budget
+    log Refunded(job_id=job_id, payer=msg.sender, amount=budget)
 
 
 @external
