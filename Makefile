@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rapha-installed
+# anvil, the JSON-RPC dev node the ledger suite also runs on, pinned in package.json.
+ANVIL := node_modules/.bin/anvil
 
 .PHONY: demo test lint bench sysdeps setup clean
 
@@ -17,10 +19,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all]'
 	@touch $(STAMP)
 
+# Only with npm on PATH; without it the ledger tests skip their anvil variant (and fail
+# under CI=true, so CI cannot lose the JSON-RPC path). .npmrc keeps npm from writing a
+# package-lock.json; touch marks the binary newer than package.json once installed.
+$(ANVIL): package.json .npmrc
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --no-progress --loglevel=error || exit 1; \
+	  test -x $(ANVIL) || { echo "make: npm install gave no $(ANVIL)" >&2; exit 1; }; \
+	  touch $(ANVIL); \
+	else \
+	  echo "make: npm not found; skipping anvil (ledger tests on JSON-RPC will skip)" >&2; \
+	fi
+
 sysdeps:
 	@./scripts/install-system-deps
 
-setup: sysdeps $(STAMP)
+setup: sysdeps $(STAMP) $(ANVIL)
 
 demo: setup
 	$(VENV)/bin/rapha demo
@@ -38,4 +52,4 @@ bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,9 +1,10 @@
 """Run every benchmark under ``bench/`` and rewrite ``BENCHMARKS.md``.
 
 Each benchmark is a script ``bench/<name>.py`` that measures Rapha against a named peer or
-baseline in the same run and prints one Markdown section to stdout. Each runs in its own
-process, so one benchmark's memory or threads cannot skew another's. A benchmark that fails
-is reported in the file and makes this script exit non-zero.
+baseline in the same run and prints one Markdown section to stdout. ``bench/run.py NAME …``
+reruns only the named benchmarks and keeps the other sections of ``BENCHMARKS.md``. Each
+runs in its own process, so one benchmark's memory or threads cannot skew another's. A
+benchmark that fails is reported in the file and makes this script exit non-zero.
 """
 
 from __future__ import annotations
@@ -31,15 +32,39 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+_MARK = "<!-- bench:{} -->"
+
+
+def _kept_sections(stems: list[str]) -> dict[str, str]:
+    """Sections of the current BENCHMARKS.md by benchmark, to keep those not rerun."""
+    if not OUT.is_file():
+        return {}
+    text = OUT.read_text(encoding="utf-8")
+    kept: dict[str, str] = {}
+    for stem in stems:
+        start = text.find(_MARK.format(stem))
+        if start < 0:
+            continue
+        end = min(
+            (i for other in stems if (i := text.find(_MARK.format(other), start + 1)) > start),
+            default=len(text),
+        )
+        kept[stem] = text[start:end].strip() + "\n"
+    return kept
+
+
 def main() -> int:
     scripts = sorted(
         p for p in BENCH_DIR.glob("*.py") if p.name != "run.py" and not p.name.startswith("_")
     )
     only = set(sys.argv[1:])
+    kept = _kept_sections([p.stem for p in scripts]) if only else {}
     sections: list[str] = []
     failed: list[str] = []
     for script in scripts:
         if only and script.stem not in only:
+            if script.stem in kept:  # not rerun: keep its last result
+                sections.append(kept[script.stem])
             continue
         print(f"bench: {script.stem} …", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -51,10 +76,14 @@ def main() -> int:
             failed.append(script.stem)
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
             sections.append(
-                f"## {script.stem}\n\nFAILED (exit {proc.returncode}):\n\n```\n{tail}\n```\n"
+                f"{_MARK.format(script.stem)}\n## {script.stem}\n\n"
+                f"FAILED (exit {proc.returncode}):\n\n```\n{tail}\n```\n"
             )
         else:
-            sections.append(proc.stdout.strip() + f"\n\n_(benchmark wall time {took:.0f} s)_\n")
+            sections.append(
+                f"{_MARK.format(script.stem)}\n{proc.stdout.strip()}"
+                f"\n\n_(benchmark wall time {took:.0f} s)_\n"
+            )
         print(f"bench: {script.stem} done in {took:.0f} s", file=sys.stderr, flush=True)
 
     header = (

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac as _hmac
+import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Final
@@ -28,7 +30,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from rapha.errors import DataError, KeyFileError, SignatureError
+from rapha.errors import DataError, KeyFileError, RaphaError, SignatureError
 
 __all__ = [
     "CHUNK_SIZE",
@@ -44,8 +46,10 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_secret",
+    "parse_json",
     "public_key_bytes",
     "public_key_from_bytes",
+    "read_bounded",
     "save_private_key",
     "save_public_key",
     "sign",
@@ -227,6 +231,20 @@ def digest_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_bounded(
+    path: Path, *, limit: int, what: str, error: type[RaphaError] = DataError
+) -> bytes:
+    """Read at most ``limit`` bytes of ``path``, refusing a longer file as ``error``."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > limit:
+        raise error(f"{what} is larger than {limit} bytes")
+    return raw
+
+
 def digest_file(path: Path, *, chunk_size: int = CHUNK_SIZE) -> str:
     """SHA-256 of a file's contents as lower-case hex, read in ``chunk_size`` pieces."""
     h = hashlib.sha256()
@@ -252,3 +270,49 @@ def canonical_json(value: Any) -> bytes:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise DataError(f"value cannot be written as canonical JSON: {exc}") from exc
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _nesting(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of JSON ``text`` (brackets inside strings ignored)."""
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes, *, what: str, max_depth: int = 32) -> Any:
+    """Parse untrusted JSON strictly: UTF-8, no NaN/Infinity, no duplicate keys, bounded depth.
+
+    The depth is checked before parsing, so deeply nested input cannot exhaust the stack.
+
+    Raises:
+        DataError: naming ``what``, when the input is not such JSON.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} is not UTF-8 text") from exc
+    if _nesting(text) > max_depth:
+        raise DataError(f"{what} is nested more than {max_depth} levels deep")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{what} is not valid JSON: {exc}") from exc

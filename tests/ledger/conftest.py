@@ -1,20 +1,25 @@
-"""A real EVM in process (eth-tester + py-evm) with MockUSDC and ClearingVault deployed.
+"""A real EVM with MockUSDC and ClearingVault deployed, on two kinds of node.
 
-One chain per session; every test runs from a snapshot and rolls it back, so tests cannot
-see each other's jobs or balances.
+``session_ledger`` is parametrized: ``embedded`` is the in-process EVM (eth-tester + py-evm),
+``anvil`` a separate JSON-RPC dev node on loopback (:mod:`support.anvil`), so every ledger
+test runs on both. One chain per kind per session; every test runs from a snapshot and rolls
+it back, so tests cannot see each other's jobs or balances.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
+from web3.providers import EthereumTesterProvider
 
-from rapha.ledger import ClearingVault, EmbeddedChain, sign_settlement
+from rapha.ledger import ClearingVault, DevNodeChain, EmbeddedChain, sign_settlement
+from support.anvil import ANVIL_CHAIN_ID, AnvilNode, anvil_or_skip
 
 REGISTRY_DELAY = 60
 REFUND_DELAY = 3600
@@ -24,7 +29,7 @@ OTHER_HOSPITAL_ID = keccak(text="hospital-b")
 
 @dataclass(frozen=True)
 class Ledger:
-    chain: EmbeddedChain
+    chain: DevNodeChain
     vault: ClearingVault
     payer: LocalAccount
     other_payer: LocalAccount
@@ -90,10 +95,25 @@ class Ledger:
 
 
 @pytest.fixture(scope="session")
-def session_ledger() -> Ledger:
-    chain = EmbeddedChain.start(
-        accounts=4, registry_delay=REGISTRY_DELAY, refund_delay=REFUND_DELAY
-    )
+def anvil(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnvilNode]:
+    """One anvil for the session; skips (fails under CI=true) when it is not installed."""
+    with anvil_or_skip(Path(tmp_path_factory.mktemp("anvil"))) as node:
+        yield node
+
+
+def _start_chain(request: pytest.FixtureRequest) -> DevNodeChain:
+    if request.param == "embedded":
+        chain: DevNodeChain = EmbeddedChain(EthereumTesterProvider(), confirmations=1)
+    else:
+        node: AnvilNode = request.getfixturevalue("anvil")
+        chain = DevNodeChain.connect(node.url, chain_id=ANVIL_CHAIN_ID)
+    chain.deploy_rapha(accounts=4, registry_delay=REGISTRY_DELAY, refund_delay=REFUND_DELAY)
+    return chain
+
+
+@pytest.fixture(scope="session", params=["embedded", "anvil"])
+def session_ledger(request: pytest.FixtureRequest) -> Ledger:
+    chain = _start_chain(request)
     vault = ClearingVault(chain, chain.vault)
     signer = Account.from_key(keccak(text="hospital-a settlement key"))
     other_signer = Account.from_key(keccak(text="hospital-b settlement key"))

@@ -22,6 +22,7 @@ from rich.console import Console
 from rapha import crypto
 from rapha.cli._app import new_app
 from rapha.cli.dryrun import dry_run
+from rapha.cli.verify import verify
 from rapha.errors import UsageError
 from rapha.runtime.bundle import (
     MODEL_NAME,
@@ -270,3 +271,4 @@ def _write_weights(directory: Path, manifest: BundleManifest) -> Path:
 
 
 app.command("dry-run")(dry_run)
+app.command("verify")(verify)

@@ -10,15 +10,17 @@ from rapha.ledger._settlement import (
     job_id_of,
     refund_delay,
     settlement_digest,
+    settlement_signer,
     sign_settlement,
 )
 from rapha.ledger._vault import ClearingVault, JobState, JobStatus, Split
-from rapha.ledger.chain import Chain, EmbeddedChain, TxResult
+from rapha.ledger.chain import Chain, DevNodeChain, EmbeddedChain, TxResult
 
 __all__ = [
     "SETTLE_TAG",
     "Chain",
     "ClearingVault",
+    "DevNodeChain",
     "EmbeddedChain",
     "JobState",
     "JobStatus",
@@ -27,5 +29,6 @@ __all__ = [
     "job_id_of",
     "refund_delay",
     "settlement_digest",
+    "settlement_signer",
     "sign_settlement",
 ]

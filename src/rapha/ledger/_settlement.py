@@ -98,6 +98,21 @@ def sign_settlement(
     return bytes(signed.signature)
 
 
+def settlement_signer(signature: bytes, digest: bytes) -> str:
+    """The checksummed address whose key made ``signature`` over :func:`settlement_digest`.
+
+    Raises:
+        UsageError: the signature is not 65 bytes or does not recover to any key.
+    """
+    if len(signature) != 65:
+        raise UsageError(f"a settlement signature is 65 bytes, got {len(signature)}")
+    try:
+        message = encode_defunct(primitive=_bytes32("digest", digest))
+        return str(Account.recover_message(message, signature=signature))
+    except Exception as exc:  # eth-keys raises several types for a malformed signature
+        raise UsageError("the settlement signature does not recover to any key") from exc
+
+
 def refund_delay(*, lease_seconds: int, retries: int, margin_seconds: int) -> int:
     """The vault's refund delay for a hub lease: ``lease * (retries + 1) + margin``.
 

@@ -126,6 +126,23 @@ class ClearingVault:
         hospital, treasury, payer = self.chain.call(self.contract.functions.split(job_id))
         return Split(int(hospital), int(treasury), int(payer))
 
+    def settled_payout(self, job_id: bytes) -> str | None:
+        """The payout address the ``Settled`` event of ``job_id`` credited, if there is one.
+
+        Scans the logs from block 0 with the indexed job id as a topic; a production node
+        may limit the range (pass a closer block in a later version if so).
+        """
+        try:
+            logs = self.contract.events.Settled.get_logs(
+                from_block=0, argument_filters={"job_id": job_id}
+            )
+        except Exception as exc:  # web3 raises provider-specific errors for getLogs
+            raise SettlementError(f"cannot read the vault's Settled events: {exc}") from exc
+        for log in logs:
+            if bytes(log["args"]["job_id"]) == job_id:
+                return str(log["args"]["payout"])
+        return None
+
     def credit(self, address: str) -> int:
         return int(self.chain.call(self.contract.functions.credits(address)))
 

@@ -7,6 +7,11 @@ One :class:`Chain` runs against two endpoints (DESIGN.md, "Defaults"):
 - :meth:`Chain.json_rpc`: any JSON-RPC endpoint (Polygon in production), with the POA
   extra-data middleware, a chain-id check, gas estimation and local nonce management.
 
+Development chains, and only those, are :class:`DevNodeChain`: :meth:`DevNodeChain.connect`
+reaches a local JSON-RPC dev node (anvil, hardhat) and :meth:`DevNodeChain.deploy_rapha`,
+the one deployment routine :class:`EmbeddedChain` uses too, stands the same contracts up on
+it; the class adds the dev-node methods tests need (time travel, snapshots, mining a block).
+
 Every revert, from either provider, becomes one :class:`~rapha.errors.SettlementError`
 carrying the contract's revert reason. Transport failures become
 :class:`~rapha.errors.RemoteError`.
@@ -17,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Self, TypedDict, Unpack, cast
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -31,12 +36,12 @@ from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception
 from web3.middleware import ExtraDataToPOAMiddleware
 from web3.providers import EthereumTesterProvider, HTTPProvider
-from web3.types import TxParams, TxReceipt, Wei
+from web3.types import RPCEndpoint, TxParams, TxReceipt, Wei
 
 from rapha.errors import DependencyError, RemoteError, SettlementError, UsageError
 from rapha.ledger._compile import compiled
 
-__all__ = ["Chain", "EmbeddedChain", "TxResult"]
+__all__ = ["Chain", "DevNodeChain", "EmbeddedChain", "TxResult"]
 
 _REVERT_PREFIX = "execution reverted: "
 # Estimates are exact for the state they ran on; a block later the state may cost more.
@@ -72,6 +77,8 @@ class Chain:
     """
 
     _revert_errors: tuple[type[Exception], ...] = (ContractLogicError,)
+    #: The JSON-RPC endpoint, for a chain reached over one (``None`` in process).
+    url: str | None = None
 
     def __init__(
         self,
@@ -101,7 +108,7 @@ class Chain:
         confirmations: int = 5,
         timeout: float = 30.0,
         poll_interval: float = 2.0,
-    ) -> Chain:
+    ) -> Self:
         """Connect to a JSON-RPC endpoint and refuse it unless it serves ``chain_id``."""
         w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": timeout}))
         # Polygon PoS (and other POA chains) put more than 32 bytes in extraData.
@@ -112,13 +119,15 @@ class Chain:
             raise RemoteError("the chain endpoint cannot be reached; check the RPC URL") from exc
         if served != chain_id:
             raise RemoteError(f"the endpoint serves chain id {served}, expected {chain_id}")
-        return cls(
+        chain = cls(
             w3,
             chain_id=chain_id,
             confirmations=confirmations,
             receipt_timeout=timeout * 10,
             poll_interval=poll_interval,
         )
+        chain.url = url
+        return chain
 
     def contract(self, name: str, address: str) -> Contract:
         """A handle on a deployed contract of this package (``"ClearingVault"``, ``"MockUSDC"``)."""
@@ -243,17 +252,153 @@ def _demo_key(index: int) -> LocalAccount:
     return account
 
 
-class EmbeddedChain(Chain):
-    """An in-process EVM (eth-tester + py-evm) with the Rapha contracts deployed.
+def _quantity(value: Any) -> int:
+    """A JSON-RPC quantity: anvil answers hex strings, eth-tester plain integers."""
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+class _DeploySettings(TypedDict, total=False):
+    """Keyword arguments of :meth:`DevNodeChain.deploy_rapha`, which holds the defaults."""
+
+    accounts: int
+    registry_delay: int
+    refund_delay: int
+    usdc_each: int
+    gas_each: int
+
+
+class DevNodeChain(Chain):
+    """A development chain with the Rapha contracts deployed; for dev nodes only.
+
+    Dev nodes (anvil, hardhat, the in-process :class:`EmbeddedChain`) hold unlocked,
+    prefunded accounts and answer the non-standard ``evm_*`` methods this class uses to
+    fund accounts, move time, take snapshots and mine blocks. No production endpoint does:
+    never point one at Polygon.
 
     Roles: ``owner`` deploys and owns the vault, ``operator`` settles (the hub),
     ``treasury`` receives the protocol's share; ``accounts`` are further funded accounts
-    (payers, hospitals) holding ``usdc_each`` MockUSDC base units each.
+    (payers, hospitals) holding MockUSDC. The keys are fixed and public: test keys only.
     """
 
+    owner: LocalAccount = _demo_key(0)
+    operator: LocalAccount = _demo_key(1)
+    treasury: LocalAccount = _demo_key(2)
+    accounts: tuple[LocalAccount, ...] = ()
     token: Contract
     vault: Contract
-    accounts: tuple[LocalAccount, ...]
+
+    @classmethod
+    def connect(
+        cls, url: str, *, chain_id: int = 31337, confirmations: int = 1, timeout: float = 30.0
+    ) -> Self:
+        """Connect to a local dev node's JSON-RPC ``url``; :meth:`deploy_rapha` stands up
+        the contracts on it.
+
+        ``chain_id`` defaults to anvil's and hardhat's 31337. A dev node mines each
+        transaction as it arrives, so receipts are polled every 10 ms.
+        """
+        return cls.json_rpc(
+            url, chain_id=chain_id, confirmations=confirmations, timeout=timeout, poll_interval=0.01
+        )
+
+    def deploy_rapha(
+        self,
+        *,
+        accounts: int = 6,
+        registry_delay: int = 60,
+        refund_delay: int = 3600,
+        usdc_each: int = 1_000_000 * 10**6,
+        gas_each: int = 10**20,
+    ) -> None:
+        """Fund ``accounts`` + 3 role accounts, deploy the contracts, mint to ``accounts``.
+
+        Each account gets ``gas_each`` wei of native coin from the node's first unlocked
+        account and each of ``accounts`` ``usdc_each`` MockUSDC base units. The demo's
+        ``refund_delay`` of one hour is
+        ``refund_delay(lease_seconds=900, retries=2, margin_seconds=900)``: three 15-minute
+        hub leases and 15 minutes to mine the settlement.
+        """
+        self.accounts = tuple(_demo_key(3 + i) for i in range(accounts))
+        for account in (self.owner, self.operator, self.treasury, *self.accounts):
+            self._fund(account.address, gas_each)
+        self.token = self.deploy("MockUSDC", self.owner)
+        self.vault = self.deploy(
+            "ClearingVault",
+            self.owner,
+            self.token.address,
+            self.treasury.address,
+            self.operator.address,
+            registry_delay,
+            refund_delay,
+        )
+        for account in self.accounts:
+            self.transact(self.token.functions.mint(account.address, usdc_each), self.owner)
+
+    def now(self) -> int:
+        """The latest block's timestamp."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def time_travel(self, seconds: int) -> None:
+        """Mine a block ``seconds`` after the latest one (dev nodes only)."""
+        self._dev_rpc("evm_setNextBlockTimestamp", self.now() + seconds)
+        self._dev_rpc("evm_mine")
+
+    def snapshot(self) -> int:
+        """Remember the chain's state; :meth:`revert` returns to it once (dev nodes only)."""
+        return _quantity(self._dev_rpc("evm_snapshot"))
+
+    def revert(self, snapshot: int) -> None:
+        """Return to a :meth:`snapshot`, forgetting cached nonces (dev nodes only).
+
+        Reverting consumes the snapshot on anvil and hardhat: take a new one to come back
+        again.
+        """
+        with self._lock:
+            self._restore(snapshot)
+            self._nonces.clear()
+
+    def _restore(self, snapshot: int) -> None:
+        if self._dev_rpc("evm_revert", hex(snapshot)) is not True:
+            raise UsageError(f"the dev node has no snapshot {snapshot}; take a new one")
+
+    def _advance(self) -> None:
+        self._dev_rpc("evm_mine")
+
+    def _fund(self, address: ChecksumAddress, wei: int) -> None:
+        """Send ``wei`` to ``address`` from the node's first unlocked account."""
+        try:
+            unlocked = self.w3.eth.accounts
+            if not unlocked:
+                raise UsageError(
+                    "the node has no unlocked account to fund test accounts from; "
+                    "use a dev node such as anvil"
+                )
+            tx_hash = self.w3.eth.send_transaction(
+                {"from": unlocked[0], "to": address, "value": Wei(wei)}
+            )
+        except (OSError, Web3Exception) as exc:
+            raise RemoteError("the dev node refused to fund a test account") from exc
+        if self._wait_receipt(tx_hash)["status"] != 1:
+            raise SettlementError(f"funding {address} failed on chain")
+
+    def _dev_rpc(self, method: str, *params: Any) -> Any:
+        """Call a dev-node-only JSON-RPC method and return its result."""
+        try:
+            response = self.w3.provider.make_request(RPCEndpoint(method), list(params))
+        except (OSError, Web3Exception) as exc:
+            raise RemoteError(f"the dev node failed {method}; is it still running?") from exc
+        error = response.get("error")
+        if error is not None:
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise RemoteError(f"the node refused {method} ({message}); it must be a dev node")
+        return response.get("result")
+
+
+class EmbeddedChain(DevNodeChain):
+    """An in-process EVM (eth-tester + py-evm) with the Rapha contracts deployed.
+
+    The dev node the demo and tests run on; see :class:`DevNodeChain` for the roles.
+    """
 
     def __init__(self, provider: EthereumTesterProvider, *, confirmations: int) -> None:
         w3 = Web3(provider)
@@ -266,63 +411,22 @@ class EmbeddedChain(Chain):
         self._tester: Any = tester
         # eth-tester raises its own TransactionFailed for reverts in estimation and calls.
         self._revert_errors = (ContractLogicError, TransactionFailed)
-        self.owner = _demo_key(0)
-        self.operator = _demo_key(1)
-        self.treasury = _demo_key(2)
 
     @classmethod
-    def start(
-        cls,
-        *,
-        accounts: int = 6,
-        registry_delay: int = 60,
-        refund_delay: int = 3600,
-        usdc_each: int = 1_000_000 * 10**6,
-        confirmations: int = 1,
-    ) -> EmbeddedChain:
-        """Start the chain, fund ``accounts`` + 3 role accounts, deploy the contracts.
-
-        The demo's ``refund_delay`` of one hour is
-        ``refund_delay(lease_seconds=900, retries=2, margin_seconds=900)``: three 15-minute
-        hub leases and 15 minutes to mine the settlement.
-        """
+    def start(cls, *, confirmations: int = 1, **deploy: Unpack[_DeploySettings]) -> EmbeddedChain:
+        """Start the chain and :meth:`~DevNodeChain.deploy_rapha` on it with ``deploy``."""
         chain = cls(EthereumTesterProvider(), confirmations=confirmations)
-        funder = chain.w3.eth.accounts[0]
-        chain.accounts = tuple(_demo_key(3 + i) for i in range(accounts))
-        for account in (chain.owner, chain.operator, chain.treasury, *chain.accounts):
-            chain.w3.eth.send_transaction(
-                {"from": funder, "to": account.address, "value": Wei(10**20)}
-            )
-        chain.token = chain.deploy("MockUSDC", chain.owner)
-        chain.vault = chain.deploy(
-            "ClearingVault",
-            chain.owner,
-            chain.token.address,
-            chain.treasury.address,
-            chain.operator.address,
-            registry_delay,
-            refund_delay,
-        )
-        for account in chain.accounts:
-            chain.transact(chain.token.functions.mint(account.address, usdc_each), chain.owner)
+        chain.deploy_rapha(**deploy)
         return chain
-
-    def now(self) -> int:
-        """The latest block's timestamp."""
-        return int(self.w3.eth.get_block("latest")["timestamp"])
 
     def time_travel(self, seconds: int) -> None:
         """Mine a block ``seconds`` after the latest one."""
-        self._tester.time_travel(self.now() + seconds)
+        # eth-tester's time_travel(t) mines a block at t - 1 and leaves t to the next one.
+        self._tester.time_travel(self.now() + seconds + 1)
 
     def snapshot(self) -> int:
         """Remember the chain's state; :meth:`revert` returns to it (tests)."""
         return int(self._tester.take_snapshot())
 
-    def revert(self, snapshot: int) -> None:
-        """Return to a :meth:`snapshot`, forgetting cached nonces."""
+    def _restore(self, snapshot: int) -> None:
         self._tester.revert_to_snapshot(snapshot)
-        self._nonces.clear()
-
-    def _advance(self) -> None:
-        self._tester.mine_blocks(1)

@@ -54,6 +54,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from rapha import crypto
 from rapha.errors import ManifestError
 from rapha.runtime._fields import MISSING, Table
 from rapha.runtime.zoo import ZOO, KwargValue, check_zoo_kwargs, zoo_entry
@@ -291,13 +292,9 @@ def parse_manifest(text: str) -> BundleManifest:
 
 def load_manifest(path: Path) -> BundleManifest:
     """Read and validate a ``bundle.toml`` file (at most 64 KiB, UTF-8)."""
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(_MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise ManifestError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST_BYTES} bytes")
+    raw = crypto.read_bounded(
+        path, limit=_MAX_MANIFEST_BYTES, what=MANIFEST_NAME, error=ManifestError
+    )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
