@@ -2,7 +2,8 @@
 
 ``init`` sets a node up; ``preview`` builds the view a job would get; ``profile`` prints
 the aggregate profile the hub would see; ``lookup`` answers a data-subject request;
-``audit verify`` checks the audit log. Exit codes are those of
+``measure`` prints the node's measurement (what attestation quotes); ``audit verify``
+checks the audit log. Exit codes are those of
 :class:`rapha.errors.ExitCode`; ``rapha node audit verify`` exits 4 when the audit log was
 tampered with (or does not match the anchor given).
 """
@@ -19,17 +20,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rapha import crypto
+from rapha.attest.measure import Measurement, measure
 from rapha.audit import AuditLog, AuditVerdict, verify_log
 from rapha.cli._app import err_console, new_app
 from rapha.crypto import Ed25519PublicKey
 from rapha.errors import IntegrityError, UsageError
 from rapha.node.bootstrap import init_node
+from rapha.node.job import sandbox_from_settings
 from rapha.node.optout import load_opt_out
 from rapha.node.pipeline import BuildProgress
 from rapha.node.preview import PreviewResult, preview_view, profile_node, with_overrides
 from rapha.node.register import lookup_patient
 from rapha.node.settings import NodeSettings, load_node_settings
 from rapha.privacy import Pseudonymizer
+from rapha.runtime.sandbox import Sandbox
 
 __all__ = ["app"]
 
@@ -195,18 +199,25 @@ def _settings(
     )
 
 
+def _progress_bar(counted: str) -> Progress:
+    """A Rich bar on stderr (stdout stays for results and --json): done/total ``counted``."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(counted),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
 class _BuildBar:
     """Rich progress for a view build, on stderr (stdout stays for results and --json)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("studies · {task.fields[instances]} images · {task.fields[records]} kept"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
+        self.progress = _progress_bar(
+            "studies · {task.fields[instances]} images · {task.fields[records]} kept"
         )
         self.task = self.progress.add_task("reading the PACS", total=None, instances=0, records=0)
 
@@ -381,3 +392,62 @@ def lookup(
     for use in answer.uses:
         table.add_row(use.time, use.job_id, use.view_digest, use.view)
     _show(f"views and jobs that used this patient ({len(answer.uses)})", table)
+
+
+# --- measurement -----------------------------------------------------------------------------
+
+
+@app.command("measure")
+def measure_command(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="node.toml: measure the sandbox its [sandbox] table configures. "
+            "Default: the default sandbox.",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the measurement and its breakdown as JSON.")
+    ] = False,
+) -> None:
+    """Print this node's measurement: its code, the runtime that runs jobs and the sandbox
+    profile. Policies and scope are not measured: their digests go into every receipt."""
+    sandbox = sandbox_from_settings(load_node_settings(config).sandbox) if config else Sandbox()
+    bar = _progress_bar("files")
+    task = bar.add_task("measuring", total=None)
+    with bar:
+        result = measure(
+            sandbox, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), sort_keys=True))
+        return
+    _print_measurement(result)
+
+
+def _print_measurement(result: Measurement) -> None:
+    # Plain aligned lines, not a Table: a 64-digit digest must never wrap or be cropped.
+    console.print(f"[bold]measurement:[/] {result.digest}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{'component':<16} {'files':>6}  digest[/]", highlight=False)
+    for event in result.events():
+        name = event["component"]
+        files = result.file_counts[name]
+        console.print(f"{name:<16} {files:>6}  {event['digest']}", highlight=False, soft_wrap=True)
+    console.print(f"{'total':<16} {result.files:>6}", highlight=False)
+    for name, binary in result.binaries.items():
+        console.print(
+            f"{name}: {binary['path']} (sha256 {binary['sha256']})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    notes = [
+        (result.missing, "listed by a distribution but missing"),
+        (result.record_mismatches, "differ from their RECORD hash"),
+    ]
+    for paths, what in notes:
+        if paths:
+            err_console.print(
+                f"[yellow]{len(paths)} files {what}[/] (measured as they are; `--json` lists them)",
+                highlight=False,
+            )

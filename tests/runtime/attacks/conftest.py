@@ -165,7 +165,7 @@ class Node:
     ) -> JobOutcome:
         root = self.bundle(train_body, extra=extra)
         verified = verify_bundle(root, trusted_keys=None, workdir=self.work / f"v-{self.runs}")
-        sandbox = Sandbox(limits=limits or attack_limits(), staging_root=STAGING)
+        sandbox = Sandbox(uid=ATTACK_UID, limits=limits or attack_limits(), staging_root=STAGING)
         return run_job(
             verified,
             job_id=f"attack-{self.runs}",
@@ -219,7 +219,7 @@ def sandbox_processes() -> list[int]:
             except OSError:
                 continue
             uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-            if SANDBOX_UID <= int(uid) < SANDBOX_UID + UID_POOL:
+            if ATTACK_UID <= int(uid) < ATTACK_UID + UID_POOL:
                 found.append(int(entry.name))
     return found
 
@@ -234,6 +234,11 @@ def no_sandbox_processes(grace: float = 5.0) -> bool:
     return True
 
 
+# Attack sandboxes run in a uid range of their own, one per pytest-xdist worker, so the
+# leftover-process check never counts another worker's sandboxes or a dry-run test's.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+ATTACK_UID = SANDBOX_UID + 1000 + _WORKER * UID_POOL
+
 # The suite's own staging root, so that other sandboxes on the machine do not count.
 STAGING = Path("/tmp") / f"rapha-attack-staging-{os.getpid()}"
 
@@ -247,9 +252,9 @@ def assert_healthy(audit_path: Path, public: crypto.Ed25519PublicKey, before: se
     assert no_sandbox_processes()
     assert workspaces() <= before, "a job workspace was left behind"
     verify_log(audit_path, public)
-    result = Sandbox(limits=attack_limits(wall_seconds=30), staging_root=STAGING).run(
-        ["/usr/bin/true"], binds=[]
-    )
+    result = Sandbox(
+        uid=ATTACK_UID, limits=attack_limits(wall_seconds=30), staging_root=STAGING
+    ).run(["/usr/bin/true"], binds=[])
     assert result.ok, result.stderr
 
 
