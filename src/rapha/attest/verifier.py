@@ -49,7 +49,7 @@ from rapha.attest.evidence import (
     delivery_nonce,
 )
 from rapha.attest.store import Enrollment, EnrollmentStore, MeasurementAllowlist
-from rapha.errors import UsageError
+from rapha.errors import DataError, UsageError
 
 __all__ = ["NONCE_TTL_SECONDS", "SgxPolicy", "Verifier"]
 
@@ -79,6 +79,7 @@ class Verifier:
         allowlist: MeasurementAllowlist,
         *,
         ek_ca_certificates: Collection[bytes] = (),
+        ek_intermediates: Collection[bytes] = (),
         sgx: SgxPolicy | None = None,
         pcr: int = 15,
         nonce_ttl: float = NONCE_TTL_SECONDS,
@@ -87,6 +88,7 @@ class Verifier:
         self.store = store
         self.allowlist = allowlist
         self.ek_ca_certificates = tuple(ek_ca_certificates)
+        self.ek_intermediates = tuple(ek_intermediates)
         self.sgx = sgx
         self.pcr = pcr
         self.nonce_ttl = nonce_ttl
@@ -146,7 +148,7 @@ class Verifier:
 
         self._check_kind("tpm2", environment)
         secret, blob, encrypted = tpm2.make_credential_challenge(
-            tpm, ca_certificates=self.ek_ca_certificates
+            tpm, ca_certificates=self.ek_ca_certificates, intermediates=self.ek_intermediates
         )
         self.store.put(
             Enrollment(
@@ -274,7 +276,11 @@ class Verifier:
     def _check_measurement(evidence: Evidence) -> None:
         from rapha.attest.measure import digest_of
 
-        if digest_of([e.to_json() for e in evidence.events]) != evidence.measurement:
+        try:
+            digest = digest_of([e.to_json() for e in evidence.events])
+        except DataError as exc:
+            raise AttestationError(Reason.MALFORMED, str(exc)) from exc
+        if digest != evidence.measurement:
             raise AttestationError(
                 Reason.MEASUREMENT_MISMATCH, "the event log does not hash to the measurement"
             )

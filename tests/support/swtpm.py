@@ -1,0 +1,201 @@
+"""A real ``swtpm`` (Debian packages swtpm, swtpm-tools) in socket mode on loopback, for tests.
+
+:func:`start_swtpm` "manufactures" a TPM 2.0 under a work directory, as a TPM vendor would:
+``swtpm_setup --create-ek-cert --create-platform-cert`` with ``swtpm_localca`` as the
+certificate tool, configured entirely by files in that directory (never ``/etc`` or
+``/var/lib/swtpm-localca``). ``swtpm_localca`` creates its own root CA and an intermediate
+("issuer") CA there, which signs the EK certificate stored in TPM NV. Then ``swtpm socket``
+serves the TPM on a free loopback port ``P`` with its control channel on ``P + 1`` (where
+the TSS ``swtpm`` TCTI expects it), started and cleared (``startup-clear``), so every start
+is a fresh boot with reset PCRs.
+
+:func:`swtpm_or_skip` wraps that for fixtures: without the binaries (or ``tpm2-pytss``) the
+tests skip, except under ``CI=true``, where they fail: CI must not silently lose the TPM path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from support.orthanc import free_port
+
+__all__ = ["SWTPM_TOOLS", "SwtpmServer", "missing_tools", "start_swtpm", "swtpm_or_skip"]
+
+SWTPM_TOOLS = ("swtpm", "swtpm_setup", "swtpm_localca")
+_START_TIMEOUT_S = 20.0
+_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class _Manufactured:
+    state: Path
+    root_ca: Path
+    issuer_ca: Path
+
+
+class SwtpmServer:
+    """A running ``swtpm socket``; call :meth:`stop` (or leave the ``with`` block) when done.
+
+    ``tcti`` is the TSS TCTI string (``swtpm:host=127.0.0.1,port=P``); ``root_ca`` and
+    ``issuer_ca`` are the PEM certificates of the local CA that issued the EK certificate
+    (root, and the intermediate that signed it).
+    """
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], *, port: int, made: _Manufactured, log: Path
+    ) -> None:
+        self._process = process
+        self.port = port
+        self.tcti = f"swtpm:host=127.0.0.1,port={port}"
+        self.state = made.state
+        self.root_ca = made.root_ca
+        self.issuer_ca = made.issuer_ca
+        self._log = log
+
+    @property
+    def log(self) -> str:
+        return self._log.read_text(errors="replace") if self._log.exists() else ""
+
+    def stop(self) -> None:
+        """Terminate swtpm; kill it if it does not exit in time."""
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=_STOP_TIMEOUT_S)
+
+    def __enter__(self) -> SwtpmServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def missing_tools() -> list[str]:
+    """The swtpm binaries not on PATH."""
+    return [tool for tool in SWTPM_TOOLS if shutil.which(tool) is None]
+
+
+def _manufacture(workdir: Path) -> _Manufactured:
+    """Run ``swtpm_setup`` with a local CA whose configuration and keys live in ``workdir``."""
+    state, ca = workdir / "state", workdir / "ca"
+    state.mkdir(parents=True)
+    ca.mkdir()
+    localca_conf = workdir / "swtpm-localca.conf"
+    localca_conf.write_text(
+        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
+        f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
+    )
+    localca_options = workdir / "swtpm-localca.options"
+    localca_options.write_text(
+        "--platform-manufacturer Rapha\n--platform-version 2.1\n--platform-model swtpm\n"
+    )
+    setup_conf = workdir / "swtpm_setup.conf"
+    setup_conf.write_text(
+        f"create_certs_tool = {shutil.which('swtpm_localca')}\n"
+        f"create_certs_tool_config = {localca_conf}\n"
+        f"create_certs_tool_options = {localca_options}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    command = ["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--config", str(setup_conf)]
+    command += ["--create-ek-cert", "--create-platform-cert", "--overwrite"]
+    if os.geteuid() == 0:
+        # Name the user explicitly: the state must belong to whoever owns the directory,
+        # never to the distribution's tss user.
+        command += ["--runas", "root"]
+    # XDG_CONFIG_HOME/HOME point at workdir, so no user configuration is picked up.
+    env = {**os.environ, "XDG_CONFIG_HOME": str(workdir), "HOME": str(workdir), "LANG": "C"}
+    result = subprocess.run(  # fixed system binaries, arguments we built
+        command, capture_output=True, env=env, cwd=workdir, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        raise RuntimeError(f"swtpm_setup failed (code {result.returncode}):\n{output[-3000:]}")
+    return _Manufactured(state, ca / "swtpm-localca-rootca-cert.pem", ca / "issuercert.pem")
+
+
+def _port_pair() -> int:
+    """A port ``P`` with ``P`` and ``P + 1`` free on 127.0.0.1 a moment ago."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free loopback ports")
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def start_swtpm(workdir: Path) -> SwtpmServer:
+    """Manufacture a TPM under ``workdir`` and serve it on loopback until stopped.
+
+    Raises ``RuntimeError`` with swtpm's output when setup fails or the server does not
+    come up within 20 s.
+    """
+    made = _manufacture(workdir)
+    log_path = workdir / "swtpm.log"
+    for _ in range(3):  # another process may take a port between probe and bind
+        port = _port_pair()
+        command = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={made.state}"]
+        command += ["--server", f"type=tcp,port={port},bindaddr=127.0.0.1"]
+        command += ["--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1"]
+        command += ["--flags", "not-need-init,startup-clear"]
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(  # fixed system binary, loopback only
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+            )
+        server = SwtpmServer(process, port=port, made=made, log=log_path)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while process.poll() is None and not _answers(port + 1):
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"swtpm did not listen on port {port + 1}:\n{server.log}")
+            time.sleep(0.02)
+        if process.poll() is None:
+            return server
+    raise RuntimeError(f"swtpm exited at start-up:\n{server.log}")
+
+
+def _skip_or_fail(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI must run the TPM suite on a real swtpm")
+    pytest.skip(reason)
+
+
+@contextmanager
+def swtpm_or_skip(workdir: Path) -> Iterator[SwtpmServer]:
+    """A running swtpm, stopped on exit. Without swtpm or tpm2-pytss the caller's tests
+    skip, or fail when the environment says ``CI=true``."""
+    missing = missing_tools()
+    if missing:
+        _skip_or_fail(f"{', '.join(missing)} not found: install swtpm and swtpm-tools")
+    try:
+        import tpm2_pytss  # noqa: F401
+    except (ImportError, OSError) as exc:
+        _skip_or_fail(f"tpm2-pytss is not usable ({exc}): install rapha[attest]")
+    server = start_swtpm(workdir)
+    try:
+        yield server
+    finally:
+        server.stop()
