@@ -45,10 +45,12 @@ __all__ = [
     "hmac_sha256",
     "load_private_key",
     "load_public_key",
+    "load_public_key_pem",
     "load_secret",
     "parse_json",
     "public_key_bytes",
     "public_key_from_bytes",
+    "public_key_pem",
     "read_bounded",
     "save_private_key",
     "save_public_key",
@@ -162,25 +164,36 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
-    """Save a public key as SubjectPublicKeyInfo PEM (mode 0644: public keys are public)."""
-    pem = key.public_bytes(
+def public_key_pem(key: Ed25519PublicKey) -> bytes:
+    """A public key as SubjectPublicKeyInfo PEM bytes."""
+    return key.public_bytes(
         encoding=serialization.Encoding.PEM,
         format=serialization.PublicFormat.SubjectPublicKeyInfo,
     )
-    path.write_bytes(pem)
+
+
+def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
+    """Save a public key as SubjectPublicKeyInfo PEM (mode 0644: public keys are public)."""
+    path.write_bytes(public_key_pem(key))
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Load an Ed25519 public key from SubjectPublicKeyInfo PEM."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError as exc:
         raise KeyFileError(f"public key file {path} does not exist") from exc
+    return load_public_key_pem(data, what=str(path))
+
+
+def load_public_key_pem(data: bytes, *, what: str = "the key") -> Ed25519PublicKey:
+    """Parse an Ed25519 public key from SubjectPublicKeyInfo PEM bytes."""
+    try:
+        key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(f"{path} is not a PEM public key") from exc
+        raise KeyFileError(f"{what} is not a PEM public key") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+        raise KeyFileError(f"{what} holds a {type(key).__name__}, not an Ed25519 key")
     return key
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rapha.cli import demo, job, keys, node
+from rapha.cli import demo, hub, job, keys, node
 from rapha.cli._app import EXIT_CODES_HELP, new_app
 
 __all__ = ["app", "main"]
@@ -39,6 +39,7 @@ def _root(
 
 app.command("keygen")(keys.keygen)
 app.add_typer(demo.app, name="demo")
+app.add_typer(hub.app, name="hub")
 app.add_typer(job.app, name="job")
 app.add_typer(node.app, name="node")
 
