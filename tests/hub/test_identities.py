@@ -1,4 +1,4 @@
-"""The hub's foundation on SQLite and on a real PostgreSQL: migrations, API keys, roles,
+"""The hub's foundation on SQLite and on a real PostgreSQL: API keys, roles,
 the operator's audit trail, and the attestation store in the database (issue 7)."""
 
 from __future__ import annotations
@@ -8,14 +8,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from sqlalchemy import inspect, text
 
 from rapha import crypto
 from rapha.attest.dev import DevProvider
@@ -23,54 +19,16 @@ from rapha.attest.evidence import AttestationError, Event, Reason
 from rapha.attest.measure import digest_of
 from rapha.config import load_settings
 from rapha.errors import ConfigError, SignatureError
-from rapha.hub.app import create_app
 from rapha.hub.auth import ReplayGuard, sign_node_request, verify_node_request
 from rapha.hub.db import ApiKey, Role, open_database
 from rapha.hub.services import SYSTEM, Hub
 from rapha.hub.settings import HubSettings
 from rapha.hub.stores import DatabaseAllowlist
+from support.hub import PEPPER, served
 from support.orthanc import free_port
 
-PEPPER = "test-pepper-" + "x" * 40
 EVENTS = (Event("rapha", "aa" * 32), Event("sandbox_profile", "bb" * 32))
 MEASUREMENT = digest_of([e.to_json() for e in EVENTS])
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'hub.db'}"
-    url: str = request.getfixturevalue("pg_database")
-    return url
-
-
-@pytest.fixture
-def hub(db_url: str) -> Iterator[Hub]:
-    hub = Hub(open_database(db_url), pepper=PEPPER)
-    yield hub
-    hub.db.close()
-
-
-@contextmanager
-def served(hub: Hub) -> Iterator[httpx.Client]:
-    """The hub's app under a real uvicorn on a loopback port, and a client for it."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(hub), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise AssertionError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 class Tenants:
@@ -93,19 +51,6 @@ class Tenants:
 @pytest.fixture
 def tenants(hub: Hub) -> Tenants:
     return Tenants(hub)
-
-
-def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
-    first = open_database(db_url)
-    second = open_database(db_url)  # a second hub process starting on the same database
-    tables = set(inspect(second.engine).get_table_names())
-    with second.engine.connect() as connection:
-        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    first.close()
-    second.close()
-
-    assert {"orgs", "api_keys", "operator_actions", "nodes", "attestation_nonces"} <= tables
-    assert version == "0001"
 
 
 def test_api_keys_are_stored_only_as_a_keyed_hash(hub: Hub, tenants: Tenants) -> None:
@@ -330,3 +275,35 @@ def test_rapha_hub_serve_answers_on_loopback(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_only_a_freshly_attested_node_with_a_matching_profile_is_eligible(hub: Hub) -> None:
+    from rapha.hub.profiles import ProfileService, PublishedProfile
+
+    hub.create_org(SYSTEM, "st-mary", Role.HOSPITAL)
+    node_key = crypto.generate_private_key()
+    public = crypto.public_key_bytes(node_key.public_key())
+    hub.enroll_node(SYSTEM, node_id="st-mary-1", org_name="st-mary", environment="demo",
+                    public_key_pem=crypto.public_key_pem(node_key.public_key()),
+                    kind="dev")  # fmt: skip
+    hub.allow_measurement(SYSTEM, "demo", MEASUREMENT)
+    needs = {"modality": "DX", "body_part": "CHEST", "labels": [], "min_records": 10}
+    profile = {
+        "format": "rapha.profile/1", "modality": "DX", "body_part": "CHEST", "records": 500,
+        "price_per_record": 100, "k": 10, "labels": {},
+    }  # fmt: skip
+    ProfileService(hub.db).publish_profile("st-mary-1", PublishedProfile.model_validate(profile))
+
+    assert not hub.eligible("st-mary-1", needs)  # never attested
+    evidence = DevProvider(node_key).evidence(
+        node_id="st-mary-1", node_public_key=public, nonce=hub.verifier.challenge("st-mary-1"),
+        measurement=MEASUREMENT, events=EVENTS,
+    )  # fmt: skip
+    verdict = hub.attest(evidence, environment="demo")
+
+    assert verdict.measurement == MEASUREMENT
+    assert hub.eligible("st-mary-1", needs)
+    assert not hub.eligible("st-mary-1", {**needs, "min_records": 501})
+    stale = Hub(hub.db, pepper=PEPPER, attestation_freshness=0.0)
+    time.sleep(0.01)
+    assert not stale.eligible("st-mary-1", needs)

@@ -111,7 +111,10 @@ def serve(
     settings = _settings(config, host=host, port=port, database_url=db, chain=chain)
     hub = Hub(open_database(settings.database_url), pepper=settings.api_key_pepper)
     console.print(f"rapha hub on http://{settings.host}:{settings.port} ({hub.db.dialect})")
-    uvicorn.run(create_app(hub), host=settings.host, port=settings.port, log_level="warning")
+    from rapha.hub.artifacts import FilesystemArtifactStore
+
+    app = create_app(hub, artifacts=FilesystemArtifactStore(settings.artifacts))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 
 @admin.command("create-org")

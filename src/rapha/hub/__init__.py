@@ -7,6 +7,7 @@
   trail;
 * :mod:`rapha.hub.stores`: the attestation verifier's stores on the database;
 * :mod:`rapha.hub.artifacts`: content-addressed bundles and outboxes;
+* :mod:`rapha.hub.profiles`: the dataset profiles nodes publish, and the matcher;
 * :mod:`rapha.hub.app`: the HTTP API.
 """
 

@@ -7,8 +7,10 @@ about who may do what live in the service layer. ``/healthz`` and ``/metrics``
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -18,8 +20,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from rapha import __version__
-from rapha.errors import RaphaError, UsageError
+from rapha.errors import IntegrityError, PolicyError, RaphaError, UsageError
+from rapha.hub.artifacts import ArtifactStore, FilesystemArtifactStore
+from rapha.hub.auth import ReplayGuard
 from rapha.hub.db import Role
+from rapha.hub.jobs import JobService, StaleLeaseError, TransitionError
+from rapha.hub.profiles import ProfilePublic, ProfileService, PublishProfile
 from rapha.hub.services import AuthError, ForbiddenError, Hub, NodeView, Principal
 
 __all__ = ["create_app"]
@@ -81,7 +87,15 @@ class AllowMeasurement(BaseModel):
 
 # --- the app -------------------------------------------------------------------------------
 
-_STATUS: dict[type[RaphaError], int] = {AuthError: 401, ForbiddenError: 403, UsageError: 400}
+_STATUS: dict[type[RaphaError], int] = {
+    AuthError: 401,
+    ForbiddenError: 403,
+    UsageError: 400,
+    TransitionError: 409,
+    StaleLeaseError: 409,
+    PolicyError: 413,
+    IntegrityError: 400,
+}
 
 
 def _principal(
@@ -98,8 +112,9 @@ def _principal(
 Caller = Annotated[Principal, Depends(_principal)]
 
 
-def create_app(hub: Hub) -> FastAPI:
-    """The hub's ASGI app over ``hub`` (its database and verifier)."""
+def create_app(hub: Hub, *, artifacts: ArtifactStore | None = None) -> FastAPI:
+    """The hub's ASGI app over ``hub`` (its database and verifier) and ``artifacts``
+    (bundles and outboxes; a temporary directory when not given)."""
     app = FastAPI(
         title="Rapha hub",
         version=__version__,
@@ -107,6 +122,11 @@ def create_app(hub: Hub) -> FastAPI:
         responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
     )
     app.state.hub = hub
+    app.state.jobs = JobService(hub.db)
+    app.state.replay = ReplayGuard()
+    if artifacts is None:
+        artifacts = FilesystemArtifactStore(Path(tempfile.mkdtemp(prefix="rapha-hub-artifacts-")))
+    app.state.artifacts = artifacts
     registry = CollectorRegistry()
     requests = Counter(
         "rapha_hub_requests_total", "HTTP requests", ["method", "route", "status"],
@@ -174,5 +194,16 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/v1/admin/nodes", response_model=list[NodeView], tags=["operator"])
     def list_nodes(caller: Caller) -> list[NodeView]:
         return hub.list_nodes(caller)
+
+    from rapha.hub.routes_jobs import router as job_routes
+
+    app.include_router(job_routes)
+
+    profiles = ProfileService(hub.db)
+
+    @app.post("/v1/node/profile", response_model=ProfilePublic, tags=["hospital"])
+    def publish_profile(body: PublishProfile, caller: Caller) -> ProfilePublic:
+        """A hospital publishes the dataset profile of one of its nodes, replacing the last."""
+        return profiles.publish_with_key(caller, body.node_id, body.profile)
 
     return app

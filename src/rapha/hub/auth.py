@@ -23,6 +23,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -156,7 +157,7 @@ class ReplayGuard:
 
 def verify_node_request(
     public_key: crypto.Ed25519PublicKey,
-    headers: dict[str, str],
+    headers: Mapping[str, str],
     *,
     method: str,
     path: str,
@@ -171,10 +172,11 @@ def verify_node_request(
         SignatureError: naming what is wrong (never which part of the key is).
     """
     current = time.time() if now is None else now
+    lowered = {k.lower(): v for k, v in headers.items()}  # HTTP header names ignore case
     try:
-        timestamp = int(headers["X-Rapha-Timestamp"])
-        request_id = headers["X-Rapha-Request-Id"]
-        signature = bytes.fromhex(headers["X-Rapha-Signature"])
+        timestamp = int(lowered["x-rapha-timestamp"])
+        request_id = lowered["x-rapha-request-id"]
+        signature = bytes.fromhex(lowered["x-rapha-signature"])
     except (KeyError, ValueError) as exc:
         raise SignatureError("the node request is not signed (X-Rapha-* headers)") from exc
     if not re.fullmatch(r"[0-9a-f]{32}", request_id):

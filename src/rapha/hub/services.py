@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
 from rapha import crypto
-from rapha.attest.evidence import Environment, EvidenceKind
+from rapha.attest.evidence import Environment, EvidenceKind, Verdict
 from rapha.attest.verifier import Verifier
 from rapha.errors import ConfigError, KeyFileError, RaphaError, UsageError
 from rapha.hub.auth import NewKey, hash_secret, new_api_key, parse_api_key
@@ -56,6 +58,9 @@ class Principal:
         return self.role is Role.OPERATOR
 
 
+#: How recent a node's last verified attestation must be for it to be given a job.
+ATTESTATION_FRESHNESS_SECONDS = 3600.0
+
 #: The operator acting on the hub's own host (``rapha hub admin`` with database access).
 SYSTEM = Principal("system", "system", Role.OPERATOR, "production", "cli")
 
@@ -79,10 +84,39 @@ class NodeView(BaseModel):
 class Hub:
     """The hub's operations over one database (see the module docstring)."""
 
-    def __init__(self, db: Database, *, pepper: str, verifier: Verifier | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        pepper: str,
+        verifier: Verifier | None = None,
+        eligible: Callable[[str, dict[str, Any]], bool] | None = None,
+        attestation_freshness: float = ATTESTATION_FRESHNESS_SECONDS,
+    ) -> None:
         self.db = db
         self.pepper = pepper
         self.verifier = verifier or Verifier(DatabaseEnrollmentStore(db), DatabaseAllowlist(db))
+        self._eligible = eligible
+        self.attestation_freshness = attestation_freshness
+
+    def eligible(self, node_id: str, requirements: dict[str, Any]) -> bool:
+        """Whether ``node_id`` may take a job needing ``requirements``.
+
+        By default the matcher decides (:meth:`rapha.hub.profiles.ProfileService.is_eligible`):
+        the node's published profile, its price, its environment, and an attestation that
+        verified within :attr:`attestation_freshness` seconds.
+        """
+        if self._eligible is not None:
+            return self._eligible(node_id, requirements)
+        from rapha.hub.profiles import ProfileService
+
+        with self.db.session() as session:
+            node = session.get(Node, node_id)
+            environment = node.environment if node is not None else ""
+        fresh_after = utcnow() - timedelta(seconds=self.attestation_freshness)
+        return ProfileService(self.db).is_eligible(
+            node_id, requirements, environment=environment, fresh_after=fresh_after
+        )
 
     # --- identities -----------------------------------------------------------------------
 
@@ -209,6 +243,19 @@ class Hub:
             )
         self.verifier.enroll(node_id, public, environment=environment, kind=kind)
         return None
+
+    def attest(self, evidence: Any, *, environment: Environment) -> Verdict:
+        """Verify a node's evidence and, when it passes, record when and what it attested.
+
+        A node is given jobs only while this is recent (:attr:`attestation_freshness`).
+        """
+        verdict = self.verifier.verify(evidence, environment=environment)
+        with self.db.session() as session:
+            node = session.get(Node, verdict.node_id)
+            if node is not None:
+                node.last_attested_at = utcnow()
+                node.last_measurement = verdict.measurement
+        return verdict
 
     def complete_tpm2(self, node_id: str, secret: bytes) -> None:
         self.verifier.complete_tpm2_enrollment(node_id, secret)

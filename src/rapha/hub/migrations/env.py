@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import rapha.hub.jobs  # noqa: F401  (registers the jobs tables on Base.metadata)
 from rapha.hub.db import Base
 
 connection = context.config.attributes.get("connection")

@@ -1,0 +1,160 @@
+"""HTTP routes of the job lifecycle: companies submit and follow jobs, nodes lease them.
+
+Company routes take an API key (``Authorization: Bearer rk_…``); node routes take a
+request signed with the node's enrolled Ed25519 key (:mod:`rapha.hub.auth`). The rules
+live in :class:`rapha.hub.jobs.JobService`; these routes only translate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from rapha import crypto
+from rapha.errors import SignatureError, UsageError
+from rapha.hub.app import Caller
+from rapha.hub.artifacts import ArtifactStore
+from rapha.hub.auth import verify_node_request
+from rapha.hub.db import Node, Role
+from rapha.hub.jobs import JobService, JobView
+from rapha.hub.profiles import JobRequirements
+from rapha.hub.services import AuthError, ForbiddenError, Hub
+
+__all__ = ["NodeCaller", "router"]
+
+router = APIRouter()
+
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class SubmitJob(BaseModel):
+    """Company: a job for a bundle already uploaded (its artifact SHA-256)."""
+
+    kind: Literal["train", "evaluate"]
+    bundle_sha256: str = Field(pattern=_HEX64)
+    bundle_digest: str = Field(pattern=_HEX64)
+    requirements: dict[str, Any]
+    budget: int = Field(gt=0)
+    max_price_per_record: int = Field(ge=0)
+    client_job_id: str = Field(pattern=r"^0x[0-9a-f]{64}$")
+
+
+class LeaseOut(BaseModel):
+    job_id: str
+    fencing_token: int
+    expires_at: float
+
+
+class Heartbeat(BaseModel):
+    fencing_token: int
+    audit_head: str | None = Field(default=None, pattern=_HEX64)
+
+
+class Failure(BaseModel):
+    fencing_token: int
+    reason: str = Field(max_length=512, pattern=r"^[a-z_]+(: .*)?$")
+
+
+def _jobs(request: Request) -> JobService:
+    service: JobService = request.app.state.jobs
+    return service
+
+
+async def _node(request: Request) -> Node:
+    """The enrolled node that signed this request (401 otherwise)."""
+    hub: Hub = request.app.state.hub
+    node_id = request.headers.get("X-Rapha-Node", "")
+    with hub.db.session() as session:
+        node = session.get(Node, node_id)
+    if node is None:
+        raise AuthError("unknown node: enrol it with rapha hub admin enroll-node")
+    body = await request.body()
+    try:
+        verify_node_request(
+            crypto.public_key_from_bytes(node.public_key),
+            dict(request.headers.items()),
+            method=request.method,
+            path=request.url.path,
+            query=request.url.query,
+            body=body,
+            replay=request.app.state.replay,
+        )
+    except SignatureError as exc:
+        raise AuthError(f"the node request signature does not verify: {exc}") from exc
+    return node
+
+
+Jobs = Annotated[JobService, Depends(_jobs)]
+NodeCaller = Annotated[Node, Depends(_node)]
+
+
+class Stored(BaseModel):
+    sha256: str
+    size: int
+
+
+#: Largest bundle a company may upload (a .tar of code and initial weights).
+MAX_BUNDLE_BYTES = 2 << 30
+
+
+@router.put("/v1/artifacts/{sha256}", response_model=Stored, status_code=201, tags=["company"])
+async def upload(sha256: str, request: Request, caller: Caller) -> Stored:
+    """Stream a bundle into the content-addressed store; refused unless it hashes to
+    ``sha256``. Only companies upload bundles (nodes upload outboxes with their delivery)."""
+    if caller.role is not Role.COMPANY:
+        raise ForbiddenError("only an AI company uploads bundles")
+    store: ArtifactStore = request.app.state.artifacts
+    stored = await store.put_stream_async(
+        request.stream(), expected_sha256=sha256, max_bytes=MAX_BUNDLE_BYTES
+    )
+    return Stored(sha256=stored.sha256, size=stored.size)
+
+
+@router.post("/v1/jobs", response_model=JobView, status_code=201, tags=["company"])
+def submit(body: SubmitJob, request: Request, caller: Caller, jobs: Jobs) -> JobView:
+    JobRequirements.parse(body.requirements)  # UsageError naming the bad field
+    store: ArtifactStore = request.app.state.artifacts
+    if not store.exists(body.bundle_sha256):
+        raise UsageError(f"upload the bundle first: PUT /v1/artifacts/{body.bundle_sha256}")
+    return jobs.submit(caller, **body.model_dump())
+
+
+@router.get("/v1/jobs", response_model=list[JobView], tags=["company"])
+def list_jobs(caller: Caller, jobs: Jobs) -> list[JobView]:
+    return jobs.list_jobs(caller)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, tags=["company"])
+def get_job(job_id: str, caller: Caller, jobs: Jobs) -> JobView:
+    return jobs.get(caller, job_id)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["company"])
+def cancel(job_id: str, caller: Caller, jobs: Jobs) -> JobView:
+    return jobs.cancel(caller, job_id)
+
+
+@router.post("/v1/node/claim", response_model=LeaseOut | None, tags=["node"])
+def claim(request: Request, node: NodeCaller, jobs: Jobs) -> LeaseOut | None:
+    hub: Hub = request.app.state.hub
+    lease = jobs.claim(node.id, node.environment, hub.eligible, now=time.time())
+    if lease is None:
+        return None
+    return LeaseOut(job_id=lease.job_id, fencing_token=lease.fencing_token,
+                    expires_at=lease.expires_at)  # fmt: skip
+
+
+@router.post("/v1/node/jobs/{job_id}/heartbeat", response_model=LeaseOut, tags=["node"])
+def heartbeat(job_id: str, body: Heartbeat, node: NodeCaller, jobs: Jobs) -> LeaseOut:
+    lease = jobs.heartbeat(job_id, node.id, body.fencing_token, now=time.time(),
+                           audit_head=body.audit_head)  # fmt: skip
+    return LeaseOut(job_id=lease.job_id, fencing_token=lease.fencing_token,
+                    expires_at=lease.expires_at)  # fmt: skip
+
+
+@router.post("/v1/node/jobs/{job_id}/fail", response_model=JobView, tags=["node"])
+def fail(job_id: str, body: Failure, node: NodeCaller, jobs: Jobs) -> JobView:
+    return jobs.fail(job_id, body.reason, node_id=node.id, token=body.fencing_token)
