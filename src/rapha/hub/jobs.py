@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -362,6 +362,27 @@ class JobService:
                 return Lease(job.id, node_id, token, expires)
             return None
 
+    def check_lease(self, job_id: str, node_id: str, token: int) -> Job:
+        """The job's row (detached: read it, do not change it) if ``node_id`` holds its
+        lease under ``token``; :class:`StaleLeaseError` or :class:`UsageError` otherwise.
+
+        For checks that must pass before a node's call changes anything (a delivery is
+        verified first, then recorded under the lease again).
+        """
+        with self.db.session() as session:
+            return self._leased(session, job_id, node_id, token)
+
+    def note(self, job_id: str, explanation: str) -> None:
+        """Record why a job is not moving on (a deposit not seen, a settlement reverted);
+        the owner sees it in :class:`JobView`. Written only when it changed."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise UsageError(f"no job {job_id}")
+            if job.explanation != explanation[:512]:
+                job.explanation = explanation[:512]
+                job.updated_at = utcnow()
+
     def _leased(self, session: Session, job_id: str, node_id: str, token: int) -> Job:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -388,9 +409,21 @@ class JobService:
             job.lease_expires_at = now + self.lease_seconds
             return Lease(job.id, node_id, token, job.lease_expires_at)
 
-    def deliver(self, job_id: str, node_id: str, token: int, *, receipt_hash: str,
-                outbox_sha256: str) -> JobView:  # fmt: skip
-        """Record a verified delivery under the current lease (idempotent for the same one)."""
+    def deliver(
+        self,
+        job_id: str,
+        node_id: str,
+        token: int,
+        *,
+        receipt_hash: str,
+        outbox_sha256: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> JobView:
+        """Record a verified delivery under the current lease (idempotent for the same one).
+
+        ``detail`` is kept in the ``delivered`` event (the hub's countersigned receipt and
+        delivery verdict: :mod:`rapha.hub.settlement`).
+        """
         with self.db.session() as session:
             job = self._leased(session, job_id, node_id, token)
             if JobState(job.state) is JobState.DELIVERED and job.receipt_hash == receipt_hash:
@@ -398,7 +431,8 @@ class JobService:
             job.receipt_hash = receipt_hash
             job.outbox_sha256 = outbox_sha256
             job.lease_expires_at = None
-            _transition(session, job, JobState.DELIVERED, receipt_hash=receipt_hash)
+            recorded = {**(detail or {}), "receipt_hash": receipt_hash}
+            _transition(session, job, JobState.DELIVERED, **recorded)
             return _view(job)
 
     def fail(self, job_id: str, reason: str, *, node_id: str | None = None,
@@ -420,12 +454,14 @@ class JobService:
             return _view(job)
 
     def settle(self, job_id: str, *, tx_hash: str) -> JobView:
+        """``delivered`` → ``settled`` once the settlement transaction is confirmed."""
         with self.db.session() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise UsageError(f"no job {job_id}")
             if JobState(job.state) is JobState.SETTLED:
                 return _view(job)
+            job.explanation = ""
             _transition(session, job, JobState.SETTLED, tx_hash=tx_hash)
             return _view(job)
 

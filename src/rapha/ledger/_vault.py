@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 from web3.contract import Contract
+from web3.types import EventData
 
 from rapha.errors import SettlementError
 from rapha.ledger.chain import Chain, TxResult
@@ -127,20 +129,30 @@ class ClearingVault:
         return Split(int(hospital), int(treasury), int(payer))
 
     def settled_payout(self, job_id: bytes) -> str | None:
-        """The payout address the ``Settled`` event of ``job_id`` credited, if there is one.
+        """The payout address the ``Settled`` event of ``job_id`` credited, if there is one."""
+        log = self._settled_log(job_id)
+        return None if log is None else str(log["args"]["payout"])
+
+    def settlement_tx(self, job_id: bytes) -> bytes | None:
+        """The hash of the transaction that settled ``job_id``, if it was settled."""
+        log = self._settled_log(job_id)
+        return None if log is None else bytes(log["transactionHash"])
+
+    def _settled_log(self, job_id: bytes) -> EventData | None:
+        """The ``Settled`` event of ``job_id``, or ``None``.
 
         Scans the logs from block 0 with the indexed job id as a topic; a production node
         may limit the range (pass a closer block in a later version if so).
         """
         try:
-            logs = self.contract.events.Settled.get_logs(
+            logs: Iterable[EventData] = self.contract.events.Settled.get_logs(
                 from_block=0, argument_filters={"job_id": job_id}
             )
         except Exception as exc:  # web3 raises provider-specific errors for getLogs
             raise SettlementError(f"cannot read the vault's Settled events: {exc}") from exc
         for log in logs:
             if bytes(log["args"]["job_id"]) == job_id:
-                return str(log["args"]["payout"])
+                return log
         return None
 
     def credit(self, address: str) -> int:
