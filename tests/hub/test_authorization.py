@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -84,10 +85,27 @@ class World:
         return self.client.request(method, path, content=content, headers=headers)
 
 
+@pytest.fixture(scope="module")
+def chain() -> Any:
+    from rapha.ledger import EmbeddedChain
+
+    return EmbeddedChain.start(accounts=1)
+
+
 @pytest.fixture
-def world(db_url: str) -> Iterator[World]:
+def world(db_url: str, chain: Any, tmp_path: Path) -> Iterator[World]:
+    from rapha.hub.artifacts import FilesystemArtifactStore
+    from rapha.hub.settlement import SettlementService
+    from rapha.ledger import ClearingVault
+
     hub = Hub(open_database(db_url), pepper=PEPPER, eligible=lambda _n, _r: False)
-    with served(hub) as client:
+    artifacts = FilesystemArtifactStore(tmp_path / "artifacts")
+    settlement = SettlementService(
+        hub.db, JobService(hub.db), chain, ClearingVault(chain, chain.vault),
+        verifier=hub.verifier, hub_key=crypto.generate_private_key(),
+        operator=chain.operator, artifacts=artifacts,
+    )  # fmt: skip
+    with served(hub, artifacts=artifacts, settlement=settlement) as client:
         yield World(hub, client)
     hub.db.close()
 
@@ -141,6 +159,16 @@ MATRIX: list[tuple[Route, dict[str, set[int]]]] = [
     (("POST", "/v1/node/claim", lambda w: None), _row(node_x=OK, node_y=OK)),
     (("POST", "/v1/node/jobs/{job}/heartbeat", lambda w: {"fencing_token": w.token}),
      _row(node_x=OK, node_y={400})),
+    (("POST", "/v1/node/jobs/{job}/delivery-nonce", lambda w: {"fencing_token": w.token}),
+     _row(node_x=OK, node_y={400})),
+    # a delivery without receipt or outbox: refused as malformed, whoever signs it
+    (("POST", "/v1/node/jobs/{job}/deliver", lambda w: {"fencing_token": w.token}),
+     _row(node_x={400}, node_y={400})),
+    # results are released to the owner once settled, to nobody else ever
+    (("GET", "/v1/jobs/{job}/result", lambda w: None),
+     _row(company_a={409}, company_b=HIDDEN, operator=FORBIDDEN, hospital=FORBIDDEN)),
+    (("GET", "/v1/jobs/{job}/outbox", lambda w: None),
+     _row(company_a={409}, company_b=HIDDEN, operator=FORBIDDEN, hospital=FORBIDDEN)),
     (("POST", "/v1/node/jobs/{job}/fail",
       lambda w: {"fencing_token": w.token, "reason": "sandbox_failed"}),
      _row(node_y={400}, node_x={200})),

@@ -34,12 +34,14 @@ PEPPER = "test-pepper-" + "x" * 40
 
 
 @contextmanager
-def served(hub: Hub) -> Iterator[httpx.Client]:
-    """The hub's app under a real uvicorn on a loopback port, and a client for it."""
+def served(hub: Hub, **app_options: Any) -> Iterator[httpx.Client]:
+    """The hub's app under a real uvicorn on a loopback port, and a client for it.
+
+    ``app_options`` go to :func:`rapha.hub.app.create_app` (``artifacts``, ``settlement``).
+    """
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(hub), host="127.0.0.1", port=port, log_level="warning")
-    )
+    app = create_app(hub, **app_options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -8,6 +8,9 @@
 * :mod:`rapha.hub.stores`: the attestation verifier's stores on the database;
 * :mod:`rapha.hub.artifacts`: content-addressed bundles and outboxes;
 * :mod:`rapha.hub.profiles`: the dataset profiles nodes publish, and the matcher;
+* :mod:`rapha.hub.jobs`: the job lifecycle, leases and fencing tokens;
+* :mod:`rapha.hub.settlement`: deposits seen on chain, verified delivery, settlement and
+  the release of results;
 * :mod:`rapha.hub.app`: the HTTP API.
 """
 

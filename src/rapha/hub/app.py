@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from rapha import __version__
+from rapha.attest.evidence import AttestationError
 from rapha.errors import IntegrityError, PolicyError, RaphaError, UsageError
 from rapha.hub.artifacts import ArtifactStore, FilesystemArtifactStore
 from rapha.hub.auth import ReplayGuard
@@ -27,6 +28,7 @@ from rapha.hub.db import Role
 from rapha.hub.jobs import JobService, StaleLeaseError, TransitionError
 from rapha.hub.profiles import ProfilePublic, ProfileService, PublishProfile
 from rapha.hub.services import AuthError, ForbiddenError, Hub, NodeView, Principal
+from rapha.hub.settlement import NotConfiguredError, SettlementService
 
 __all__ = ["create_app"]
 
@@ -95,6 +97,8 @@ _STATUS: dict[type[RaphaError], int] = {
     StaleLeaseError: 409,
     PolicyError: 413,
     IntegrityError: 400,
+    AttestationError: 400,
+    NotConfiguredError: 503,
 }
 
 
@@ -112,9 +116,12 @@ def _principal(
 Caller = Annotated[Principal, Depends(_principal)]
 
 
-def create_app(hub: Hub, *, artifacts: ArtifactStore | None = None) -> FastAPI:
-    """The hub's ASGI app over ``hub`` (its database and verifier) and ``artifacts``
-    (bundles and outboxes; a temporary directory when not given)."""
+def create_app(
+    hub: Hub, *, artifacts: ArtifactStore | None = None, settlement: SettlementService | None = None
+) -> FastAPI:
+    """The hub's ASGI app over ``hub`` (its database and verifier), ``artifacts``
+    (bundles and outboxes; a temporary directory when not given) and ``settlement``
+    (delivery and results; without it those routes answer 503)."""
     app = FastAPI(
         title="Rapha hub",
         version=__version__,
@@ -127,6 +134,7 @@ def create_app(hub: Hub, *, artifacts: ArtifactStore | None = None) -> FastAPI:
     if artifacts is None:
         artifacts = FilesystemArtifactStore(Path(tempfile.mkdtemp(prefix="rapha-hub-artifacts-")))
     app.state.artifacts = artifacts
+    app.state.settlement = settlement
     registry = CollectorRegistry()
     requests = Counter(
         "rapha_hub_requests_total", "HTTP requests", ["method", "route", "status"],

@@ -7,14 +7,19 @@ live in :class:`rapha.hub.jobs.JobService`; these routes only translate.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from rapha import crypto
-from rapha.errors import SignatureError, UsageError
+from rapha.errors import PolicyError, SignatureError, UsageError
 from rapha.hub.app import Caller
 from rapha.hub.artifacts import ArtifactStore
 from rapha.hub.auth import verify_node_request
@@ -22,6 +27,12 @@ from rapha.hub.db import Node, Role
 from rapha.hub.jobs import JobService, JobView
 from rapha.hub.profiles import JobRequirements
 from rapha.hub.services import AuthError, ForbiddenError, Hub
+from rapha.hub.settlement import (
+    MAX_OUTBOX_BYTES,
+    NotConfiguredError,
+    ResultRelease,
+    SettlementService,
+)
 
 __all__ = ["NodeCaller", "router"]
 
@@ -158,3 +169,134 @@ def heartbeat(job_id: str, body: Heartbeat, node: NodeCaller, jobs: Jobs) -> Lea
 @router.post("/v1/node/jobs/{job_id}/fail", response_model=JobView, tags=["node"])
 def fail(job_id: str, body: Failure, node: NodeCaller, jobs: Jobs) -> JobView:
     return jobs.fail(job_id, body.reason, node_id=node.id, token=body.fencing_token)
+
+
+# --- delivery, settlement and results (rapha.hub.settlement) ---------------------------------
+
+
+def _settlement(request: Request) -> SettlementService:
+    service: SettlementService | None = getattr(request.app.state, "settlement", None)
+    if service is None:
+        raise NotConfiguredError(
+            "settlement is not configured: the hub operator starts the hub with a chain"
+        )
+    return service
+
+
+Settlement = Annotated[SettlementService, Depends(_settlement)]
+
+
+class LeaseToken(BaseModel):
+    fencing_token: int
+
+
+class DeliveryNonce(BaseModel):
+    """A single-use nonce (hex) for the delivery quote, valid ``expires_in`` seconds."""
+
+    nonce: str
+    expires_in: float
+
+
+class Delivery(BaseModel):
+    """Node: a finished job's outbox files (base64), receipt and delivery quote.
+
+    One JSON body of at most :data:`MAX_DELIVERY_BYTES`, sent with a ``Content-Length``.
+    Large outboxes will move to a streamed upload of each file (a later version).
+    """
+
+    fencing_token: int
+    receipt: dict[str, Any]
+    delivery_evidence: dict[str, Any]
+    delivery_nonce: str = Field(pattern=_HEX64)
+    files: dict[str, str] = Field(description="outbox file name -> base64 of its bytes")
+
+
+#: Largest delivery body: the outbox in base64, plus the receipt and the evidence.
+MAX_DELIVERY_BYTES = MAX_OUTBOX_BYTES * 4 // 3 + (16 << 20)
+
+
+def _bounded_delivery(request: Request) -> None:
+    """Refuse a delivery over the cap from its ``Content-Length``, before it is read."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():
+        raise UsageError("send the delivery with a Content-Length header")
+    if int(length) > MAX_DELIVERY_BYTES:
+        raise PolicyError(
+            f"the delivery is larger than {MAX_DELIVERY_BYTES} bytes; ask the hub operator "
+            "about large outboxes"
+        )
+
+
+def _delivery(raw: bytes) -> tuple[Delivery, dict[str, bytes]]:
+    try:
+        body = Delivery.model_validate_json(raw)
+        files = {name: base64.b64decode(data, validate=True) for name, data in body.files.items()}
+    except (ValidationError, binascii.Error) as exc:
+        raise UsageError(f"the delivery is not a delivery body: {exc}") from exc
+    return body, files
+
+
+@router.post("/v1/node/jobs/{job_id}/delivery-nonce", response_model=DeliveryNonce, tags=["node"])
+def delivery_nonce(
+    job_id: str, body: LeaseToken, node: NodeCaller, settlement: Settlement
+) -> DeliveryNonce:
+    """A nonce the node's delivery quote binds with the receipt body (lease holder only)."""
+    nonce = settlement.delivery_nonce(job_id, node.id, body.fencing_token)
+    return DeliveryNonce(nonce=nonce.hex(), expires_in=settlement.verifier.nonce_ttl)
+
+
+@router.post(
+    "/v1/node/jobs/{job_id}/deliver",
+    response_model=JobView,
+    tags=["node"],
+    dependencies=[Depends(_bounded_delivery)],  # runs before the body is read
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": Delivery.model_json_schema()}},
+        }
+    },
+)
+async def deliver(
+    job_id: str, request: Request, node: NodeCaller, settlement: Settlement
+) -> JobView:
+    """Deliver a running job's outbox and receipt; refused, with the failing check named,
+    unless everything verifies (:mod:`rapha.hub.settlement`)."""
+    body, files = _delivery(await request.body())
+    return await run_in_threadpool(
+        settlement.deliver,
+        job_id,
+        node.id,
+        body.fencing_token,
+        outbox=files,
+        receipt=body.receipt,
+        delivery_evidence=body.delivery_evidence,
+        delivery_nonce=bytes.fromhex(body.delivery_nonce),
+    )
+
+
+@router.get("/v1/jobs/{job_id}/result", response_model=ResultRelease, tags=["company"])
+def result(job_id: str, caller: Caller, settlement: Settlement) -> ResultRelease:
+    """The countersigned receipt and the outbox's digest, once the job is settled."""
+    return settlement.release(caller, job_id)
+
+
+@router.get("/v1/jobs/{job_id}/outbox", response_class=StreamingResponse, tags=["company"])
+def outbox(job_id: str, caller: Caller, settlement: Settlement) -> StreamingResponse:
+    """The outbox as a tar of the receipt's files, once the job is settled."""
+    released = settlement.release(caller, job_id)
+    file = settlement.artifacts.open(released.outbox_sha256)
+
+    def chunks() -> Iterator[bytes]:
+        with file:
+            while chunk := file.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(released.outbox_size),
+            "X-Rapha-SHA256": released.outbox_sha256,
+        },
+    )
