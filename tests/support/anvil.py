@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import requests
 
 from support.orthanc import free_port
+from support.required import skip_or_fail
 
 __all__ = ["ANVIL_CHAIN_ID", "AnvilNode", "anvil_binary", "anvil_or_skip", "start_anvil"]
 
@@ -110,10 +110,10 @@ def anvil_or_skip(workdir: Path) -> Iterator[AnvilNode]:
     the environment says ``CI=true``."""
     binary = anvil_binary()
     if binary is None:
-        reason = "anvil not found: run `make setup` (needs npm) to install node_modules/.bin/anvil"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI must run the ledger suite on a JSON-RPC node")
-        pytest.skip(reason)
+        skip_or_fail(
+            "anvil not found: run `make setup` (needs npm) to install node_modules/.bin/anvil",
+            ci_must="run the ledger suite on a JSON-RPC node",
+        )
     node = start_anvil(binary, workdir)
     try:
         yield node

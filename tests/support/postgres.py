@@ -48,9 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import pytest
-
 from support.orthanc import free_port
+from support.required import skip_or_fail
 
 if TYPE_CHECKING:
     import psycopg
@@ -405,9 +404,7 @@ def start_postgres(bindir: Path, workdir: Path) -> PostgresServer:
 
 
 def _skip_or_fail(reason: str) -> NoReturn:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI must run the hub's database suite on a real PostgreSQL")
-    pytest.skip(reason)
+    skip_or_fail(reason, ci_must="run the hub's database suite on a real PostgreSQL")
 
 
 @contextmanager

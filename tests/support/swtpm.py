@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import pytest
-
 from support.orthanc import free_port
+from support.required import skip_or_fail
 
 __all__ = ["SWTPM_TOOLS", "SwtpmServer", "missing_tools", "start_swtpm", "swtpm_or_skip"]
 
@@ -178,9 +177,7 @@ def start_swtpm(workdir: Path) -> SwtpmServer:
 
 
 def _skip_or_fail(reason: str) -> NoReturn:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI must run the TPM suite on a real swtpm")
-    pytest.skip(reason)
+    skip_or_fail(reason, ci_must="run the TPM suite on a real swtpm")
 
 
 @contextmanager
