@@ -19,6 +19,7 @@ import pytest
 
 from rapha import crypto
 from rapha.hub.app import create_app
+from rapha.hub.artifacts import FilesystemArtifactStore
 from rapha.hub.auth import sign_node_request
 from rapha.hub.db import Role, open_database
 from rapha.hub.jobs import JobService
@@ -175,8 +176,11 @@ MATRIX: list[tuple[Route, dict[str, set[int]]]] = [
 ]  # fmt: skip
 
 
-def test_the_matrix_covers_every_route() -> None:
-    app = create_app(Hub(open_database("sqlite://"), pepper=PEPPER))
+def test_the_matrix_covers_every_route(tmp_path: Path) -> None:
+    app = create_app(
+        Hub(open_database("sqlite://"), pepper=PEPPER),
+        artifacts=FilesystemArtifactStore(tmp_path),
+    )
     served_routes = {
         (method.upper(), path)
         for path, operations in app.openapi()["paths"].items()

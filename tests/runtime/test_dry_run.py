@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from rapha.cli import app
+from rapha.node.synthetic import CACHE_ENV
 from rapha.runtime.sandbox import Sandbox
 
 # Calibrated on 2 CPU cores: the effusion signal needs a few thousand images and about ten
@@ -53,6 +55,16 @@ def make_bundle(root: Path, key: Path, *init: str, size: str = "64", **manifest:
     code, out = rapha("job", "sign", str(root), "--key", str(key))
     assert code == 0, out
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Path]:
+    """One synthetic archive per (studies, seed, side) for the whole run, all workers."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base if worker_id == "master" else base.parent) / "synthetic-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +187,10 @@ def test_a_dp_run_reports_its_epsilon(tmp_path: Path, company_key: Path) -> None
                 "kwargs": "{ init_features = 16, growth_rate = 8, bn_size = 2 }",
             },
         ),
-        (("--custom",), "32", {"epochs": "10", "learning_rate": "0.003"}),
+        # The scaffold's custom CNN: at 10 epochs and lr 0.003 it reached 0.89-0.92 here,
+        # but 0.72 once in CI (each run draws fresh node keys, hence a fresh split, and
+        # fresh initial weights); 14 epochs at lr 0.002 gave 0.94, a margin for the tail.
+        (("--custom",), "32", {"epochs": "14", "learning_rate": "0.002"}),
     ],
     ids=["zoo-densenet121", "custom-model"],
 )

@@ -9,13 +9,16 @@ test can open a second :class:`~rapha.hub.services.Hub` on the same database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +26,7 @@ import uvicorn
 from sqlalchemy import insert
 
 from rapha.hub.app import create_app
+from rapha.hub.artifacts import FilesystemArtifactStore
 from rapha.hub.db import Database, Node, Org, Role
 from rapha.hub.profiles import NodeLabelCount, NodeProfile
 from rapha.hub.services import Hub
@@ -37,10 +41,19 @@ PEPPER = "test-pepper-" + "x" * 40
 def served(hub: Hub, **app_options: Any) -> Iterator[httpx.Client]:
     """The hub's app under a real uvicorn on a loopback port, and a client for it.
 
-    ``app_options`` go to :func:`rapha.hub.app.create_app` (``artifacts``, ``settlement``).
+    ``app_options`` go to :func:`rapha.hub.app.create_app` (``artifacts``, ``settlement``);
+    without ``artifacts``, a temporary store removed afterwards.
     """
+    with contextlib.ExitStack() as stack:
+        if "artifacts" not in app_options:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hub-art-")))
+            app_options["artifacts"] = FilesystemArtifactStore(scratch)
+        yield stack.enter_context(_served(create_app(hub, **app_options)))
+
+
+@contextmanager
+def _served(app: Any) -> Iterator[httpx.Client]:
     port = free_port()
-    app = create_app(hub, **app_options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -7,10 +7,8 @@ about who may do what live in the service layer. ``/healthz`` and ``/metrics``
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -22,7 +20,7 @@ from pydantic import BaseModel, Field
 from rapha import __version__
 from rapha.attest.evidence import AttestationError
 from rapha.errors import IntegrityError, PolicyError, RaphaError, UsageError
-from rapha.hub.artifacts import ArtifactStore, FilesystemArtifactStore
+from rapha.hub.artifacts import ArtifactStore
 from rapha.hub.auth import ReplayGuard
 from rapha.hub.db import Role
 from rapha.hub.jobs import JobService, StaleLeaseError, TransitionError
@@ -117,11 +115,11 @@ Caller = Annotated[Principal, Depends(_principal)]
 
 
 def create_app(
-    hub: Hub, *, artifacts: ArtifactStore | None = None, settlement: SettlementService | None = None
+    hub: Hub, *, artifacts: ArtifactStore, settlement: SettlementService | None = None
 ) -> FastAPI:
     """The hub's ASGI app over ``hub`` (its database and verifier), ``artifacts``
-    (bundles and outboxes; a temporary directory when not given) and ``settlement``
-    (delivery and results; without it those routes answer 503)."""
+    (bundles and outboxes) and ``settlement`` (delivery and results; without it those
+    routes answer 503)."""
     app = FastAPI(
         title="Rapha hub",
         version=__version__,
@@ -131,8 +129,6 @@ def create_app(
     app.state.hub = hub
     app.state.jobs = JobService(hub.db)
     app.state.replay = ReplayGuard()
-    if artifacts is None:
-        artifacts = FilesystemArtifactStore(Path(tempfile.mkdtemp(prefix="rapha-hub-artifacts-")))
     app.state.artifacts = artifacts
     app.state.settlement = settlement
     registry = CollectorRegistry()

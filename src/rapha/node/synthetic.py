@@ -7,6 +7,11 @@ the view is built by the node's own pipeline (:func:`rapha.node.build_view`) thr
 folder source, so the pseudonyms, the allowlist, the splits and the exclusions are the
 real ones. The identifiers the egress scan must look for are collected on the way.
 
+The archive depends only on its studies, seed and image side, so a run may reuse one from
+a cache directory (``cache``, or ``RAPHA_SYNTHETIC_CACHE``): it is written once under an
+exclusive lock, renamed into place whole, and only read afterwards. The node, its keys,
+the view and the test labels are always fresh.
+
 OCR is switched off for the radiograph modalities, with the written justification the
 node's settings demand: the archive is synthetic, and the header screen still excludes
 every image it flags as carrying burned-in text.
@@ -14,9 +19,11 @@ every image it flags as carrying burned-in text.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,7 @@ from rapha.node.sources import open_source
 
 __all__ = ["PreparedView", "cohort_needles", "prepare_synthetic_view"]
 
+CACHE_ENV: Final = "RAPHA_SYNTHETIC_CACHE"
 _OCR_OFF: Final = "synthetic archive generated for a dry-run; no real text is burned in"
 
 
@@ -40,6 +48,7 @@ class PreparedView:
     view: Path
     private_dir: Path
     node_dir: Path
+    archive: Path
     settings: NodeSettings
     summary: ViewSummary
     needles: tuple[str, ...]
@@ -87,6 +96,30 @@ def _configure(node_dir: Path, archive: Path, size: tuple[int, int]) -> Path:
     return config
 
 
+def _generate(
+    archive: Path, studies: int, seed: int, side: int, report: Callable[[int, int], None] | None
+) -> None:
+    from rapha.demo.archive import generate_archive
+
+    generate_archive(archive, studies=studies, seed=seed, size_range=(side, side), progress=report)
+
+
+def _cached_archive(
+    cache: Path, studies: int, seed: int, side: int, report: Callable[[int, int], None] | None
+) -> Path:
+    """The cached archive for these parameters, generated first if no run made it yet."""
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    archive = cache / f"archive-{studies}-{seed}-{side}"
+    with (cache / f".{archive.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run writing it: wait, then reuse
+        if not archive.is_dir():
+            partial = cache / f".{archive.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)  # left by a run that died
+            _generate(partial, studies, seed, side, report)
+            partial.rename(archive)
+    return archive
+
+
 def prepare_synthetic_view(
     workdir: Path,
     *,
@@ -95,24 +128,25 @@ def prepare_synthetic_view(
     size: tuple[int, int],
     job_id: str,
     progress: Callable[[str, int, int], None] | None = None,
+    cache: Path | None = None,
 ) -> PreparedView:
     """Generate an archive of ``studies`` studies under ``workdir`` and build its view.
 
     ``progress(phase, done, total)`` is called as the archive is written and the view
-    built. The node's keys, audit log and test labels stay under ``workdir``.
+    built. The node's keys, audit log and test labels stay under ``workdir``. With a
+    ``cache`` directory (default: ``$RAPHA_SYNTHETIC_CACHE`` if set), the archive is taken
+    from there, or written there once for later runs.
     """
-    from rapha.demo.archive import generate_archive
-
     workdir = Path(workdir)
-    archive = workdir / "archive"
     side = max(64, *size)  # the generator's JPEG 2000 encoder needs 64 px or more
-    generate_archive(
-        archive,
-        studies=studies,
-        seed=seed,
-        size_range=(side, side),
-        progress=(lambda d, t: progress("archive", d, t)) if progress else None,
-    )
+    if cache is None and os.environ.get(CACHE_ENV):
+        cache = Path(os.environ[CACHE_ENV])
+    report = (lambda d, t: progress("archive", d, t)) if progress else None
+    if cache is None:
+        archive = workdir / "archive"
+        _generate(archive, studies, seed, side, report)
+    else:
+        archive = _cached_archive(Path(cache), studies, seed, side, report)
     node_dir = workdir / "node"
     init_node(node_dir, name="dry-run-node", source=str(archive / "dicom"))
     settings = load_node_settings(_configure(node_dir, archive, size), env={})
@@ -139,6 +173,7 @@ def prepare_synthetic_view(
         view=summary.out,
         private_dir=workdir / "private",
         node_dir=node_dir,
+        archive=archive,
         settings=settings,
         summary=summary,
         needles=collector.needles,

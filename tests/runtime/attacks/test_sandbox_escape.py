@@ -199,11 +199,11 @@ def test_host_files_are_invisible(node: Node, host_secrets: Secrets) -> None:
         str(view.node_dir / "node.toml"),
         str(view.private_dir / "test-labels.json"),
         str(view.view / "test" / "records.jsonl"),
-        str(view.view.parent / "archive" / "labels.csv"),
+        str(view.archive / "labels.csv"),
         "/view/test/images.npy",
         "/proc/1/root/etc/hostname",
     ]
-    archive = view.view.parent / "archive" / "dicom"
+    archive = view.archive / "dicom"
     one_dicom = next(p for p in archive.rglob("*") if p.is_file())
     targets.append(str(one_dicom))
     body = "import os\n"
