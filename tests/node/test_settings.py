@@ -221,6 +221,10 @@ def test_a_config_without_a_policy_table_gets_the_default_policies(tmp_path: Pat
         "dp_delta": 1e-5,
         "max_output_bytes": 512 << 20,
         "evaluation_quota": 20,
+        "allowed_orgs": [],
+        "allowed_kinds": ["train", "evaluate"],
+        "min_price_per_record": 0,
+        "epsilon_budget": 0.0,
     }
 
 

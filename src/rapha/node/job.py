@@ -99,6 +99,10 @@ class JobRules:
     max_output_bytes: int = 512 << 20
     admission_policy: Path | None = None
     output_policy: Path | None = None
+    allowed_orgs: tuple[str, ...] = ()
+    allowed_kinds: tuple[str, ...] = ("train", "evaluate")
+    min_price_per_record: int = 0
+    epsilon_budget: float = 0.0
 
     @classmethod
     def from_settings(cls, policy: PolicySettings, **overrides: Any) -> JobRules:
@@ -112,6 +116,10 @@ class JobRules:
             "max_output_bytes": policy.max_output_bytes,
             "admission_policy": policy.admission,
             "output_policy": policy.output,
+            "allowed_orgs": tuple(policy.allowed_orgs),
+            "allowed_kinds": tuple(policy.allowed_kinds),
+            "min_price_per_record": policy.min_price_per_record,
+            "epsilon_budget": policy.epsilon_budget,
         }
         return cls(**(values | overrides))
 
@@ -124,6 +132,10 @@ class JobRules:
             "dp_delta": self.dp_delta,
             "k_anonymity": self.k,
             "max_output_bytes": self.max_output_bytes,
+            "allowed_orgs": list(self.allowed_orgs),
+            "allowed_kinds": list(self.allowed_kinds),
+            "min_price_per_record": self.min_price_per_record,
+            "epsilon_budget": self.epsilon_budget,
         }
 
 

@@ -17,7 +17,9 @@ The tables::
     [keys]                              # hmac_key, split_key, signing_key: three distinct files
     [ocr.disabled]                      # MODALITY = "written justification"
     [view]                              # size, dtype, ratios
-    [policy]                            # admission/output Rego files, k_anonymity, dp_*, quotas
+    [policy]                            # admission/output Rego files, k_anonymity, dp_*, quotas,
+                                        # pinned company keys, allowed orgs/kinds, min price
+    [hub]                               # rapha node run: the hub, attestation, price, payout
 
 Validation refuses unsafe values with a message naming the field, never the value: PACS
 credentials in a URL, plain HTTP to a remote PACS (unless explicitly allowed), TLS client
@@ -38,7 +40,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from rapha import crypto
 from rapha.config import Settings, load_settings
-from rapha.crypto import Ed25519PrivateKey
+from rapha.crypto import Ed25519PrivateKey, Ed25519PublicKey
 from rapha.errors import ConfigError, KeyFileError
 from rapha.pacs.auth import is_loopback_host
 from rapha.pacs.scope import ScopeSettings
@@ -48,6 +50,7 @@ __all__ = [
     "BearerAuth",
     "DicomWebSource",
     "FolderSource",
+    "HubLinkSettings",
     "KeySettings",
     "NoAuth",
     "NodeKeys",
@@ -298,10 +301,27 @@ class PolicySettings(Settings):
     max_output_bytes: int = Field(default=512 << 20, ge=1 << 10, le=16 << 30)
     #: Evaluate jobs one company may run on this node (each one probes the test split).
     evaluation_quota: int = Field(default=20, ge=1)
+    #: Company signing keys the hospital pinned: organisation name -> public key PEM
+    #: files. A bundle runs only when signed by a key pinned for the submitting company;
+    #: a key the hub hands over is never trusted by itself.
+    trusted_keys: dict[str, list[Path]] = Field(default_factory=dict)
+    #: Organisations whose jobs this node takes (empty: any with a pinned key).
+    allowed_orgs: list[str] = Field(default_factory=list)
+    #: Job kinds this node takes.
+    allowed_kinds: tuple[Literal["train", "evaluate"], ...] = ("train", "evaluate")
+    #: Smallest price per record (token base units) this node accepts.
+    min_price_per_record: int = Field(default=0, ge=0)
+    #: Total differential-privacy epsilon all DP jobs together may spend on one dataset
+    #: (0: no cumulative cap beyond dp_epsilon per job).
+    epsilon_budget: float = Field(default=0.0, ge=0)
 
     def policy_input(self) -> dict[str, Any]:
         """The values the Rego policies see as ``input.hospital`` (paths left out)."""
-        return self.model_dump(mode="json", exclude={"admission", "output"})
+        return self.model_dump(mode="json", exclude={"admission", "output", "trusted_keys"})
+
+    def pinned_keys(self, org: str) -> list[Ed25519PublicKey]:
+        """The public keys pinned for ``org`` (:class:`KeyFileError` naming a bad file)."""
+        return [crypto.load_public_key(path) for path in self.trusted_keys.get(org, [])]
 
 
 class SandboxSettings(Settings):
@@ -333,6 +353,92 @@ class SandboxSettings(Settings):
     output_bytes: int = Field(default=2 << 30, ge=1 << 20)
 
 
+# --- the hub -----------------------------------------------------------------------------
+
+_HEX32_RE = r"^0x[0-9a-f]{64}$"
+
+
+class HubLinkSettings(Settings):
+    """How ``rapha node run`` reaches the hub and what it offers there (``[hub]``).
+
+    The node only ever connects out. ``proxy`` (or the ``HTTPS_PROXY`` environment) and
+    ``ca_bundle`` are for hospital networks that inspect TLS.
+    """
+
+    #: The hub's base URL; plain http:// only to this machine.
+    url: str
+    #: The id the hub operator enrolled this node under.
+    node_id: str = Field(min_length=1, max_length=128)
+    #: ``demo`` or ``production``; it must be the environment the node was enrolled in.
+    environment: Literal["demo", "production"] = "demo"
+    #: A CA bundle (PEM) to verify the hub's TLS certificate with, instead of the system's.
+    ca_bundle: Path | None = None
+    #: An HTTP(S) proxy URL for the connection to the hub.
+    proxy: str | None = None
+    #: How long one claim waits at the hub for a job (long poll), seconds.
+    poll_wait: float = Field(default=20.0, ge=0, le=300)
+    #: The first and the largest pause after a failed call to the hub, seconds (with jitter).
+    backoff_initial: float = Field(default=1.0, gt=0, le=60)
+    backoff_max: float = Field(default=60.0, gt=0, le=3600)
+    #: How often a running job heartbeats (keep it well under the hub's lease), seconds.
+    heartbeat_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: ``dev`` (demo only: the node key signs its own measurement) or ``tpm2``.
+    attestation: Literal["dev", "tpm2"] = "dev"
+    #: The TPM's TCTI for ``tpm2``: ``device:/dev/tpmrm0`` or ``swtpm:host=…,port=…``.
+    tpm_tcti: str | None = None
+    #: The PCR the measurement is extended into (never 16 or 23).
+    tpm_pcr: int = Field(default=15, ge=0, le=23)
+    #: The persistent handle of the enrolled attestation key.
+    tpm_ak_handle: int = 0x81010002
+    #: The hospital's id in the vault's registry (``0x`` + 64 hex).
+    hospital_id: str = Field(pattern=_HEX32_RE)
+    #: The hospital's secp256k1 settlement key (hex, mode 0600): it signs what it is owed.
+    settlement_key: Path
+    #: Price per record this node asks, token base units (USDC: 6 decimals).
+    price_per_record: int = Field(ge=0)
+    #: A person approves each job (``rapha node approvals``) before it runs.
+    approvals: bool = False
+    #: Jobs run side by side (each gets its own sandbox uid).
+    concurrency: int = Field(default=1, ge=1, le=16)
+    #: Keep each job's view after the job (an explicit opt-in; off deletes it).
+    keep_views: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _hub_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not contain credentials")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ValueError("plain http:// is allowed only to this machine; use https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tpm_named(self) -> Self:
+        if self.attestation == "tpm2" and not self.tpm_tcti:
+            raise ValueError('attestation = "tpm2" needs tpm_tcti, e.g. "device:/dev/tpmrm0"')
+        if self.attestation == "dev" and self.environment == "production":
+            raise ValueError("a production node attests with tpm2; dev evidence is demo-only")
+        if self.tpm_pcr in (16, 23):
+            raise ValueError("tpm_pcr: PCRs 16 and 23 can be reset by software")
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError("backoff_initial is larger than backoff_max")
+        return self
+
+    def load_settlement_key(self) -> bytes:
+        """The 32-byte settlement key (:class:`KeyFileError` when missing or not 0600)."""
+        text = _read_secret_text(self.settlement_key, "settlement key")
+        try:
+            key = bytes.fromhex(text.removeprefix("0x"))
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise KeyFileError(f"{self.settlement_key} must hold 32 bytes as hex")
+        return key
+
+
 # --- the node ----------------------------------------------------------------------------
 
 
@@ -351,6 +457,7 @@ class NodeSettings(Settings):
     view: ViewSettings = ViewSettings()
     policy: PolicySettings = PolicySettings()
     sandbox: SandboxSettings = SandboxSettings()
+    hub: HubLinkSettings | None = None
     state_dir: Path
     audit_log: Path
 
@@ -381,14 +488,20 @@ class NodeSettings(Settings):
 
 def _resolve_paths(model: BaseModel, base: Path) -> BaseModel:
     """Return ``model`` with every relative :class:`Path` (nested too) joined to ``base``."""
-    changes: dict[str, Any] = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
+
+    def resolve(value: Any) -> Any:
         if isinstance(value, Path):
             value = value.expanduser()
-            changes[name] = value if value.is_absolute() else base / value
-        elif isinstance(value, BaseModel):
-            changes[name] = _resolve_paths(value, base)
+            return value if value.is_absolute() else base / value
+        if isinstance(value, BaseModel):
+            return _resolve_paths(value, base)
+        if isinstance(value, list):
+            return [resolve(item) for item in value]
+        if isinstance(value, dict):
+            return {key: resolve(item) for key, item in value.items()}
+        return value
+
+    changes = {name: resolve(getattr(model, name)) for name in type(model).model_fields}
     return model.model_copy(update=changes)
 
 

@@ -16,10 +16,15 @@
 #   input.signer.fingerprint       SHA-256 (hex) of the key that signed the bundle
 #   input.signer.pinned            true when that key is one the hospital pinned
 #   input.job                      job metadata from the hub; "evaluations_used": how many
-#                                  evaluate jobs this company already ran on this node
+#                                  evaluate jobs this company already ran on this node;
+#                                  "org": the submitting company; "price_per_record": the
+#                                  most it pays per record (token base units); "epsilon_spent": the
+#                                  DP epsilon earlier jobs spent on this dataset
 #   input.hospital                 the node's [policy] settings: allow_custom_code,
 #                                  dp_required, dp_epsilon, dp_delta, k_anonymity,
-#                                  evaluation_quota; optional max_epochs, max_batch_size
+#                                  evaluation_quota, allowed_orgs, allowed_kinds,
+#                                  min_price_per_record, epsilon_budget; optional
+#                                  max_epochs, max_batch_size
 #
 # This file is the hospital's: edit it to tighten (or loosen) what the node accepts.
 
@@ -122,6 +127,31 @@ deny contains "evaluation_quota: this company used up its evaluate jobs on this 
 	kind == "evaluate"
 	used := object.get(object.get(input, "job", {}), "evaluations_used", 0)
 	used >= object.get(hospital, "evaluation_quota", 20)
+}
+
+job := object.get(input, "job", {})
+
+deny contains "org_not_allowed: this hospital does not take jobs from this organisation" if {
+	allowed := object.get(hospital, "allowed_orgs", [])
+	count(allowed) > 0
+	not object.get(job, "org", "") in allowed
+}
+
+deny contains "kind_not_allowed: this hospital does not take jobs of this kind" if {
+	not kind in object.get(hospital, "allowed_kinds", ["train", "evaluate"])
+}
+
+deny contains "price_too_low: the job pays less per record than this hospital's minimum" if {
+	price := object.get(job, "price_per_record", null)
+	price != null
+	price < object.get(hospital, "min_price_per_record", 0)
+}
+
+deny contains "epsilon_budget: this job's epsilon would exceed the dataset's privacy budget" if {
+	budget := object.get(hospital, "epsilon_budget", 0)
+	budget > 0
+	dp_valid
+	object.get(job, "epsilon_spent", 0) + dp.epsilon > budget
 }
 
 decision := {"allow": count(deny) == 0, "reasons": sort(deny)}
