@@ -46,7 +46,7 @@ lint: $(STAMP)
 
 # scripts/run-pytest fails on a failing test but not on pytest's "collected nothing" (5).
 # Two pytest-xdist workers by default; `make test PYTEST_ARGS=...` replaces them.
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 test: setup lint
 	PY=$(PY) ./scripts/run-pytest $(PYTEST_ARGS)
 

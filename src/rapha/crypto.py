@@ -47,6 +47,7 @@ __all__ = [
     "load_public_key",
     "load_public_key_pem",
     "load_secret",
+    "load_secret_hex",
     "parse_json",
     "public_key_bytes",
     "public_key_from_bytes",
@@ -56,6 +57,7 @@ __all__ = [
     "save_public_key",
     "sign",
     "verify",
+    "write_private_atomic",
     "write_private_file",
     "write_secret",
 ]
@@ -128,6 +130,48 @@ def load_secret(path: Path, *, length: int) -> bytes:
             f"key file {path} holds {len(data)} bytes; exactly {length} are required "
             f"(create one with `rapha node init`)"
         )
+    return data
+
+
+def write_private_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically and durably, readable only by its owner.
+
+    Writes a sibling temporary file, fsyncs it, renames it over ``path`` and fsyncs the
+    directory: a crash leaves the old file or the new one, never a mix.
+    :class:`DataError` names the file when the disk refuses.
+    """
+    from rapha.errors import DataError
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # O_CREAT's mode does not apply to a leftover file
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def load_secret_hex(path: Path, *, length: int, what: str = "key") -> bytes:
+    """Read a secret written as hex text (``0x`` optional, e.g. a secp256k1 key) of
+    ``length`` bytes, refusing loose permissions; :class:`KeyFileError` names the file."""
+    check_private_file(path)
+    try:
+        text = path.read_text(encoding="ascii").strip().removeprefix("0x")
+        data = bytes.fromhex(text)
+    except (UnicodeDecodeError, ValueError):
+        data = b""
+    if len(data) != length:
+        raise KeyFileError(f"{what} file {path} must hold {length} bytes written as hex")
     return data
 
 

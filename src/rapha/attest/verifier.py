@@ -105,7 +105,9 @@ class Verifier:
             kinds.append("dev")
         return tuple(kinds)
 
-    def _check_kind(self, kind: EvidenceKind, environment: Environment) -> None:
+    def check_kind(self, kind: EvidenceKind, environment: Environment) -> None:
+        """Refuse a kind of evidence the environment does not accept (``dev`` in
+        production above all), before anything about the node is stored."""
         if environment not in ENVIRONMENTS:
             raise UsageError(f"unknown environment {environment!r}: demo or production")
         if kind == "dev" and environment == "production":
@@ -125,7 +127,7 @@ class Verifier:
         """Enrol a ``dev`` or ``sgx-dcap`` node (their evidence is self-contained)."""
         if kind == "tpm2":
             raise UsageError("a tpm2 node enrols with begin_tpm2_enrollment (it must prove its AK)")
-        self._check_kind(kind, environment)
+        self.check_kind(kind, environment)
         enrollment = Enrollment(node_id, node_public_key, environment, kind, activated=True)
         self.store.put(enrollment)
         return enrollment
@@ -146,7 +148,7 @@ class Verifier:
         """
         from rapha.attest import tpm2
 
-        self._check_kind("tpm2", environment)
+        self.check_kind("tpm2", environment)
         secret, blob, encrypted = tpm2.make_credential_challenge(
             tpm, ca_certificates=self.ek_ca_certificates, intermediates=self.ek_intermediates
         )
@@ -222,7 +224,7 @@ class Verifier:
         """
         if not isinstance(evidence, Evidence):
             evidence = Evidence.from_json(evidence)
-        self._check_kind(evidence.kind, environment)
+        self.check_kind(evidence.kind, environment)
         enrollment = self._enrollment_of(evidence, environment)
         if delivery is None:
             self._consume(evidence.nonce, evidence.node_id, ASSIGNMENT)
@@ -308,7 +310,7 @@ class Verifier:
         else:
             from rapha.attest import sgx
 
-            if self.sgx is None:  # pragma: no cover - refused by _check_kind
+            if self.sgx is None:  # pragma: no cover - refused by check_kind
                 raise AttestationError(Reason.KIND_NOT_ALLOWED, "sgx-dcap is not configured")
             sgx.verify_quote(
                 sgx.quote_from_payload(evidence.payload),

@@ -101,20 +101,23 @@ def serve(
         str | None, typer.Option("--chain", help="embedded or a JSON-RPC URL.")
     ] = None,
 ) -> None:
-    """Run the hub's HTTP API (migrating the database first)."""
+    """Run the hub's HTTP API and its background loop (migrating the database first)."""
     import uvicorn
 
-    from rapha.hub.app import create_app
-    from rapha.hub.db import open_database
-    from rapha.hub.services import Hub
+    from rapha.hub.server import build_server
 
     settings = _settings(config, host=host, port=port, database_url=db, chain=chain)
-    hub = Hub(open_database(settings.database_url), pepper=settings.api_key_pepper)
-    console.print(f"rapha hub on http://{settings.host}:{settings.port} ({hub.db.dialect})")
-    from rapha.hub.artifacts import FilesystemArtifactStore
-
-    app = create_app(hub, artifacts=FilesystemArtifactStore(settings.artifacts))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    server = build_server(settings)
+    terms = f"chain {server.chain.chain_id}, vault {server.vault.address}"
+    console.print(
+        f"rapha hub on http://{settings.host}:{settings.port} ({server.hub.db.dialect}; {terms})",
+        highlight=False,
+    )
+    server.worker.start()
+    try:
+        uvicorn.run(server.app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        server.close()
 
 
 @admin.command("create-org")

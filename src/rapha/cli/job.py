@@ -21,7 +21,7 @@ from rich.console import Console
 
 from rapha import crypto
 from rapha.cli._app import new_app
-from rapha.cli.company import cancel, list_jobs, status
+from rapha.cli.company import cancel, fetch, list_jobs, refund, status, submit, watch
 from rapha.cli.dryrun import dry_run
 from rapha.cli.verify import verify
 from rapha.errors import UsageError
@@ -273,6 +273,10 @@ def _write_weights(directory: Path, manifest: BundleManifest) -> Path:
 
 app.command("dry-run")(dry_run)
 app.command("verify")(verify)
+app.command("submit")(submit)
+app.command("watch")(watch)
+app.command("fetch")(fetch)
+app.command("refund")(refund)
 app.command("list")(list_jobs)
 app.command("status")(status)
 app.command("cancel")(cancel)

@@ -23,6 +23,10 @@ from rapha import crypto
 from rapha.attest.measure import Measurement, measure
 from rapha.audit import AuditLog, AuditVerdict, verify_log
 from rapha.cli._app import err_console, new_app
+from rapha.cli.node_approvals import app as approvals_app
+from rapha.cli.node_check import check
+from rapha.cli.node_report import report
+from rapha.cli.node_run import run
 from rapha.crypto import Ed25519PublicKey
 from rapha.errors import IntegrityError, UsageError
 from rapha.node.bootstrap import init_node
@@ -42,6 +46,10 @@ console = Console()
 app = new_app("The hospital node: set it up, inspect what a model would see, check the audit log.")
 audit_app = new_app("The node's hash-chained, signed audit log.")
 app.add_typer(audit_app, name="audit")
+app.command("check")(check)
+app.command("report")(report)
+app.add_typer(approvals_app, name="approvals")
+app.command("run")(run)
 
 
 @app.command("init")

@@ -10,6 +10,7 @@ unreachable hub :class:`rapha.errors.RemoteError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,13 +99,22 @@ class _Base:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *, content: bytes, headers: Mapping[str, str]) -> Any:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes,
+        headers: Mapping[str, str],
+        timeout: float | None = None,
+    ) -> Any:
         try:
             response = self._http.request(
                 method,
                 path,
                 content=content,
                 headers={**headers, "Content-Type": "application/json"},
+                timeout=timeout if timeout is not None else self._http.timeout,
             )
         except httpx.TransportError as exc:
             raise RemoteError(
@@ -148,6 +158,77 @@ class RaphaClient(_Base):
         result: dict[str, Any] = self.request("POST", f"/v1/jobs/{job_id}/cancel")
         return result
 
+    def chain_terms(self) -> dict[str, Any]:
+        """The chain id, vault and token the hub settles on (deposits go there)."""
+        result: dict[str, Any] = self.request("GET", "/v1/chain")
+        return result
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        """Upload a file (a bundle .tar) to the hub's content-addressed store, streamed."""
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+
+        def chunks() -> Any:
+            with path.open("rb") as fh:
+                yield from iter(lambda: fh.read(1 << 20), b"")
+
+        sha256 = digest.hexdigest()
+        try:
+            response = self._http.put(
+                f"/v1/artifacts/{sha256}",
+                content=chunks(),
+                headers={**self._auth, "Content-Type": "application/octet-stream",
+                         "Content-Length": str(path.stat().st_size)},
+                timeout=600.0,
+            )  # fmt: skip
+        except httpx.TransportError as exc:
+            raise RemoteError(f"the upload to the hub broke off ({type(exc).__name__})") from exc
+        _raise_for(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        """The countersigned receipt and the outbox's digest (once the job is settled)."""
+        result: dict[str, Any] = self.request("GET", f"/v1/jobs/{job_id}/result")
+        return result
+
+    def fetch(self, job_id: str, out: Path) -> Path:
+        """Download a settled job's outbox and receipt into ``out`` (new or empty), for
+        ``rapha job verify``; :class:`IntegrityError` if the outbox is not what the
+        receipt's release names."""
+        import tarfile
+        import tempfile
+
+        from rapha.errors import IntegrityError
+        from rapha.receipt import write_receipt
+
+        released = self.result(job_id)
+        out.mkdir(parents=True, exist_ok=True)
+        if any(out.iterdir()):
+            raise UsageError(f"{out} is not empty; choose a new --out directory")
+        with tempfile.TemporaryFile() as tar:
+            digest = hashlib.sha256()
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/outbox",
+                                       headers=self._auth, timeout=600.0) as response:  # fmt: skip
+                    if not response.is_success:
+                        response.read()
+                        _raise_for(response)
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        tar.write(chunk)
+            except httpx.TransportError as exc:
+                raise RemoteError(f"the download broke off ({type(exc).__name__})") from exc
+            if digest.hexdigest() != released["outbox_sha256"]:
+                raise IntegrityError("the outbox the hub sent is not the one it released")
+            tar.seek(0)
+            with tarfile.open(fileobj=tar) as archive:
+                archive.extractall(out, filter="data")
+        write_receipt(out, released["receipt"])
+        return out
+
 
 class NodeClient(_Base):
     """A hospital node's client: every request is signed with the node key."""
@@ -159,28 +240,98 @@ class NodeClient(_Base):
         self.node_id = node_id
         self._key = key
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def _signed(self, method: str, path: str, query: str, content: bytes) -> dict[str, str]:
         from rapha.hub.auth import sign_node_request
 
+        return sign_node_request(self._key, node_id=self.node_id, method=method, path=path,
+                                 query=query, body=content)  # fmt: skip
+
+    def request(
+        self, method: str, path: str, body: Any = None, *, timeout: float | None = None
+    ) -> Any:
         content = _encode(body)
         parts = urlsplit(path)
-        headers = sign_node_request(
-            self._key,
-            node_id=self.node_id,
-            method=method,
-            path=parts.path,
-            query=parts.query,
-            body=content,
-        )
-        return self._send(method, path, content=content, headers=headers)
+        headers = self._signed(method, parts.path, parts.query, content)
+        return self._send(method, path, content=content, headers=headers, timeout=timeout)
 
-    def claim(self) -> dict[str, Any] | None:
-        result: dict[str, Any] | None = self.request("POST", "/v1/node/claim")
+    def claim(self, wait: float = 0.0) -> dict[str, Any] | None:
+        """A lease on a job, or ``None``; ``wait`` seconds of long poll at the hub."""
+        path = f"/v1/node/claim?wait={wait:g}" if wait else "/v1/node/claim"
+        result: dict[str, Any] | None = self.request("POST", path, timeout=wait + 30.0)
         return result
 
-    def heartbeat(self, job_id: str, token: int, audit_head: str | None = None) -> dict[str, Any]:
-        body = {"fencing_token": token, "audit_head": audit_head}
+    def heartbeat(
+        self,
+        job_id: str,
+        token: int,
+        audit_head: str | None = None,
+        progress: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {"fencing_token": token, "audit_head": audit_head, "progress": progress}
         result: dict[str, Any] = self.request("POST", f"/v1/node/jobs/{job_id}/heartbeat", body)
+        return result
+
+    def challenge(self) -> bytes:
+        """A fresh nonce for this node's next attestation."""
+        result = self.request("POST", "/v1/node/attestation/challenge")
+        return bytes.fromhex(result["nonce"])
+
+    def attest(self, evidence: Mapping[str, Any]) -> dict[str, Any]:
+        """Send attestation evidence; returns the hub's verdict."""
+        result: dict[str, Any] = self.request("POST", "/v1/node/attestation",
+                                              {"evidence": dict(evidence)})  # fmt: skip
+        return result
+
+    def publish_profile(self, profile: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("PUT", "/v1/node/me/profile", dict(profile))
+        return result
+
+    def job(self, job_id: str, token: int) -> dict[str, Any]:
+        """The details of a job this node holds the lease of."""
+        result: dict[str, Any] = self.request(
+            "GET", f"/v1/node/jobs/{job_id}?fencing_token={token}"
+        )
+        return result
+
+    def download_bundle(self, job_id: str, token: int, sha256: str, dest: Path,
+                        *, limit: int) -> Path:  # fmt: skip
+        """Stream the job's bundle to ``dest``; :class:`IntegrityError` unless it hashes
+        to ``sha256``, :class:`PolicyError` past ``limit`` bytes."""
+        from rapha.errors import IntegrityError, PolicyError
+
+        path = f"/v1/node/jobs/{job_id}/bundle"
+        query = f"fencing_token={token}"
+        headers = self._signed("GET", path, query, b"")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self._http.stream("GET", f"{path}?{query}", headers=headers) as response:
+                if not response.is_success:
+                    response.read()
+                    _raise_for(response)
+                with dest.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        size += len(chunk)
+                        if size > limit:
+                            raise PolicyError(f"the bundle is larger than {limit} bytes")
+                        digest.update(chunk)
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            raise RemoteError(f"the bundle download from the hub broke off ({exc})") from exc
+        if digest.hexdigest() != sha256:
+            dest.unlink(missing_ok=True)
+            raise IntegrityError("the bundle the hub sent does not hash to the job's bundle")
+        return dest
+
+    def delivery_nonce(self, job_id: str, token: int) -> bytes:
+        result = self.request("POST", f"/v1/node/jobs/{job_id}/delivery-nonce",
+                              {"fencing_token": token})  # fmt: skip
+        return bytes.fromhex(result["nonce"])
+
+    def deliver(self, job_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/node/jobs/{job_id}/deliver", dict(body), timeout=600.0
+        )
         return result
 
     def fail(self, job_id: str, token: int, reason: str) -> dict[str, Any]:

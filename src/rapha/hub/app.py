@@ -115,7 +115,11 @@ Caller = Annotated[Principal, Depends(_principal)]
 
 
 def create_app(
-    hub: Hub, *, artifacts: ArtifactStore, settlement: SettlementService | None = None
+    hub: Hub,
+    *,
+    artifacts: ArtifactStore,
+    settlement: SettlementService | None = None,
+    jobs: JobService | None = None,
 ) -> FastAPI:
     """The hub's ASGI app over ``hub`` (its database and verifier), ``artifacts``
     (bundles and outboxes) and ``settlement`` (delivery and results; without it those
@@ -127,7 +131,7 @@ def create_app(
         responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
     )
     app.state.hub = hub
-    app.state.jobs = JobService(hub.db)
+    app.state.jobs = jobs or JobService(hub.db)
     app.state.replay = ReplayGuard()
     app.state.artifacts = artifacts
     app.state.settlement = settlement
@@ -200,10 +204,13 @@ def create_app(
         return hub.list_nodes(caller)
 
     from rapha.hub.routes_jobs import router as job_routes
+    from rapha.hub.routes_node import router as node_routes
 
     app.include_router(job_routes)
+    app.include_router(node_routes)
 
     profiles = ProfileService(hub.db)
+    app.state.profiles = profiles
 
     @app.post("/v1/node/profile", response_model=ProfilePublic, tags=["hospital"])
     def publish_profile(body: PublishProfile, caller: Caller) -> ProfilePublic:

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import ForeignKey, Index, Integer, String, select, update
+from sqlalchemy import ForeignKey, Index, Integer, String, false, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from rapha.errors import RaphaError, UsageError
@@ -118,6 +118,10 @@ class Job(Base):
     failure: Mapped[str] = mapped_column(String(512), default="")
     receipt_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     outbox_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The node's last reported phase and epoch (never anything from inside the sandbox).
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
+    #: A failed or cancelled job's escrow is marked failed in the vault: the payer refunds.
+    refundable: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -157,8 +161,11 @@ class JobView(BaseModel):
     attempts: int
     explanation: str
     failure: str
+    client_job_id: str = ""
     chain_job_id: str | None
     receipt_hash: str | None
+    progress: dict[str, Any] = {}
+    refundable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -174,8 +181,11 @@ def _view(job: Job) -> JobView:
         attempts=job.attempts,
         explanation=job.explanation,
         failure=job.failure,
+        client_job_id=job.client_job_id,
         chain_job_id=job.chain_job_id,
         receipt_hash=job.receipt_hash,
+        progress=dict(job.progress or {}),
+        refundable=bool(job.refundable),
     )
 
 
@@ -220,10 +230,18 @@ class JobService:
         budget: int,
         max_price_per_record: int,
         client_job_id: str,
+        environment: str | None = None,
     ) -> JobView:
-        """Record a company's job (``submitted``), in the environment of its key."""
+        """Record a company's job (``submitted``), in the environment of its key; a job
+        asking for another ``environment`` is refused (a demo key never makes a
+        production job, nor the reverse)."""
         if principal.role is not Role.COMPANY:
             raise ForbiddenError("only an AI company submits jobs")
+        if environment is not None and environment != principal.environment:
+            raise ForbiddenError(
+                f"a {principal.environment} API key cannot submit a {environment} job: use a "
+                f"{environment} key from the hub operator"
+            )
         if kind not in ("train", "evaluate"):
             raise UsageError("a job's kind is train or evaluate")
         if budget <= 0 or max_price_per_record < 0:
@@ -397,8 +415,14 @@ class JobService:
         return job
 
     def heartbeat(self, job_id: str, node_id: str, token: int, *, now: float,
-                  audit_head: str | None = None) -> Lease:  # fmt: skip
-        """Extend the lease; the first heartbeat moves ``assigned`` → ``running``."""
+                  audit_head: str | None = None,
+                  progress: Mapping[str, Any] | None = None) -> Lease:  # fmt: skip
+        """Extend the lease; the first heartbeat moves ``assigned`` → ``running``.
+
+        ``progress`` is the node's phase and epoch counters (:class:`NodeProgress`), shown
+        to the job's owner; ``audit_head`` the node's audit-log head, kept in the job's
+        events whenever it moves.
+        """
         with self.db.session() as session:
             job = self._leased(session, job_id, node_id, token)
             state = JobState(job.state)
@@ -406,8 +430,46 @@ class JobService:
                 _transition(session, job, JobState.RUNNING, audit_head=audit_head)
             elif state is not JobState.RUNNING:
                 raise TransitionError(f"job {job_id} is {state.value}; no heartbeat expected")
+            if progress is not None:
+                job.progress = {**dict(progress), "audit_head": audit_head}
             job.lease_expires_at = now + self.lease_seconds
             return Lease(job.id, node_id, token, job.lease_expires_at)
+
+    def ids_in(self, state: JobState) -> list[str]:
+        """Ids of the jobs in ``state``, oldest first (for the hub's background loop)."""
+        with self.db.session() as session:
+            return list(
+                session.execute(
+                    select(Job.id).where(Job.state == state.value).order_by(Job.created_at)
+                ).scalars()
+            )
+
+    def waiting(self) -> list[tuple[str, dict[str, Any], str]]:
+        """``(id, requirements, environment)`` of every funded job no node holds."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(Job.id, Job.requirements, Job.environment)
+                .where(Job.state == JobState.FUNDED.value)
+                .order_by(Job.created_at)
+            ).all()
+        return [(row[0], dict(row[1]), row[2]) for row in rows]
+
+    def awaiting_refund(self) -> list[str]:
+        """Failed or cancelled jobs whose escrow is not yet released for refund."""
+        ended = [JobState.FAILED.value, JobState.CANCELLED.value]
+        with self.db.session() as session:
+            return list(
+                session.execute(
+                    select(Job.id).where(Job.state.in_(ended), Job.refundable.is_(False))
+                ).scalars()
+            )
+
+    def mark_refundable(self, job_id: str) -> None:
+        with self.db.session() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is not None and not job.refundable:
+                job.refundable = True
+                session.add(JobEvent(job_id=job.id, state=job.state, detail={"refundable": True}))
 
     def deliver(
         self,

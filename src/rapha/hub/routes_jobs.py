@@ -7,13 +7,15 @@ live in :class:`rapha.hub.jobs.JobService`; these routes only translate.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import random
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +53,9 @@ class SubmitJob(BaseModel):
     budget: int = Field(gt=0)
     max_price_per_record: int = Field(ge=0)
     client_job_id: str = Field(pattern=r"^0x[0-9a-f]{64}$")
+    environment: Literal["demo", "production"] | None = Field(
+        default=None, description="Must be the API key's environment when given."
+    )
 
 
 class LeaseOut(BaseModel):
@@ -59,9 +64,23 @@ class LeaseOut(BaseModel):
     expires_at: float
 
 
+class NodeProgress(BaseModel):
+    """What a node says about a running job: its phase and counters, nothing else."""
+
+    phase: Literal[
+        "bundle", "approval", "view", "admission", "train", "predict", "evaluate", "guard",
+        "receipt", "deliver",
+    ]  # fmt: skip
+    epoch: int | None = Field(default=None, ge=0, le=1_000_000)
+    epochs: int | None = Field(default=None, ge=0, le=1_000_000)
+    step: int | None = Field(default=None, ge=0, le=1 << 40)
+    steps: int | None = Field(default=None, ge=0, le=1 << 40)
+
+
 class Heartbeat(BaseModel):
     fencing_token: int
     audit_head: str | None = Field(default=None, pattern=_HEX64)
+    progress: NodeProgress | None = None
 
 
 class Failure(BaseModel):
@@ -148,10 +167,30 @@ def cancel(job_id: str, caller: Caller, jobs: Jobs) -> JobView:
     return jobs.cancel(caller, job_id)
 
 
+#: Longest a claim may wait for a job (a long poll), seconds; and how often it looks.
+MAX_CLAIM_WAIT = 60.0
+_CLAIM_POLL = 1.0
+
+
 @router.post("/v1/node/claim", response_model=LeaseOut | None, tags=["node"])
-def claim(request: Request, node: NodeCaller, jobs: Jobs) -> LeaseOut | None:
+async def claim(
+    request: Request,
+    node: NodeCaller,
+    jobs: Jobs,
+    wait: Annotated[float, Query(ge=0, le=MAX_CLAIM_WAIT)] = 0.0,
+) -> LeaseOut | None:
+    """Lease the oldest funded job this node may take; with ``wait``, hold the request
+    up to that many seconds until one is there (a long poll), else answer ``null``."""
     hub: Hub = request.app.state.hub
-    lease = jobs.claim(node.id, node.environment, hub.eligible, now=time.time())
+    deadline = time.monotonic() + wait
+    while True:
+        lease = await run_in_threadpool(
+            jobs.claim, node.id, node.environment, hub.eligible, now=time.time()
+        )
+        left = deadline - time.monotonic()
+        if lease is not None or left <= 0 or await request.is_disconnected():
+            break
+        await asyncio.sleep(min(left, _CLAIM_POLL * random.uniform(0.8, 1.2)))  # noqa: S311
     if lease is None:
         return None
     return LeaseOut(job_id=lease.job_id, fencing_token=lease.fencing_token,
@@ -160,8 +199,9 @@ def claim(request: Request, node: NodeCaller, jobs: Jobs) -> LeaseOut | None:
 
 @router.post("/v1/node/jobs/{job_id}/heartbeat", response_model=LeaseOut, tags=["node"])
 def heartbeat(job_id: str, body: Heartbeat, node: NodeCaller, jobs: Jobs) -> LeaseOut:
+    progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     lease = jobs.heartbeat(job_id, node.id, body.fencing_token, now=time.time(),
-                           audit_head=body.audit_head)  # fmt: skip
+                           audit_head=body.audit_head, progress=progress)  # fmt: skip
     return LeaseOut(job_id=lease.job_id, fencing_token=lease.fencing_token,
                     expires_at=lease.expires_at)  # fmt: skip
 
@@ -285,7 +325,12 @@ def result(job_id: str, caller: Caller, settlement: Settlement) -> ResultRelease
 def outbox(job_id: str, caller: Caller, settlement: Settlement) -> StreamingResponse:
     """The outbox as a tar of the receipt's files, once the job is settled."""
     released = settlement.release(caller, job_id)
-    file = settlement.artifacts.open(released.outbox_sha256)
+    return stream_artifact(settlement.artifacts, released.outbox_sha256)
+
+
+def stream_artifact(store: ArtifactStore, sha256: str) -> StreamingResponse:
+    """An artifact (a tar) streamed in 1 MiB chunks, with its length and digest."""
+    file = store.open(sha256)
 
     def chunks() -> Iterator[bytes]:
         with file:
@@ -295,8 +340,5 @@ def outbox(job_id: str, caller: Caller, settlement: Settlement) -> StreamingResp
     return StreamingResponse(
         chunks(),
         media_type="application/x-tar",
-        headers={
-            "Content-Length": str(released.outbox_size),
-            "X-Rapha-SHA256": released.outbox_sha256,
-        },
+        headers={"Content-Length": str(store.size(sha256)), "X-Rapha-SHA256": sha256},
     )

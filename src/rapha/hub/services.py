@@ -118,6 +118,15 @@ class Hub:
             node_id, requirements, environment=environment, fresh_after=fresh_after
         )
 
+    def explain(self, requirements: dict[str, Any], environment: str) -> str:
+        """Why no node takes a job needing ``requirements`` (or how many could)."""
+        from rapha.hub.profiles import JobRequirements, ProfileService
+
+        fresh_after = utcnow() - timedelta(seconds=self.attestation_freshness)
+        return ProfileService(self.db).explain_no_match(
+            JobRequirements.parse(requirements), environment=environment, fresh_after=fresh_after
+        )
+
     # --- identities -----------------------------------------------------------------------
 
     def authenticate(self, token: str | None) -> Principal:
@@ -216,6 +225,7 @@ class Hub:
         """Enrol a hospital's node. For ``tpm2`` returns the credential challenge the node
         must answer (:meth:`complete_tpm2`); ``tpm`` is its ``Tpm2Enrollment``."""
         org_id = self.org_id(org_name)
+        self.verifier.check_kind(kind, environment)  # before the node row exists
         try:
             public = crypto.public_key_bytes(crypto.load_public_key_pem(public_key_pem))
         except KeyFileError as exc:

@@ -39,6 +39,22 @@ class HubSettings(Settings):
     signing_key: Path
     #: Where bundles and outboxes are stored, content-addressed.
     artifacts: Path = Path("rapha-hub-artifacts")
+    #: With a JSON-RPC ``chain``: the deployed vault's address. Unset, the chain is taken
+    #: for a local dev node (anvil) and the demo contracts are deployed on it at start.
+    vault: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
+    #: With ``vault``: the chain id the RPC must report, and the operator's secp256k1 key
+    #: (hex, mode 0600) that settles and marks jobs failed.
+    chain_id: int | None = Field(default=None, ge=1)
+    operator_key: Path | None = None
+    #: Blocks a settlement must be buried under before the job is ``settled``.
+    confirmations: int = Field(default=1, ge=1, le=1000)
+    #: A node's lease on a job, seconds: heartbeats extend it; when it runs out the job is
+    #: requeued to another node (the vault's refund delay must exceed lease times attempts).
+    lease_seconds: float = Field(default=900.0, ge=5, le=7 * 24 * 3600)
+    #: Leases per job before it fails.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    #: How often the background loop funds, requeues, settles and releases refunds, seconds.
+    loop_interval: float = Field(default=2.0, gt=0, le=600)
 
     @field_validator("api_key_pepper")
     @classmethod

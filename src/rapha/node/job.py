@@ -59,6 +59,7 @@ __all__ = [
     "JobError",
     "JobOutcome",
     "JobRules",
+    "decide_admission",
     "run_job",
     "sandbox_from_settings",
 ]
@@ -187,13 +188,16 @@ def run_job(
     quota: EvaluationQuota | None = None,
     on_phase: Phase | None = None,
     on_event: Callable[[ProgressEvent], None] | None = None,
+    facts: Mapping[str, Any] | None = None,
 ) -> JobOutcome:
     """Run ``bundle`` on ``view`` (module docstring); the outbox is written only on allow.
 
     ``signer_pinned`` says whether the bundle was verified against the hospital's pinned
     company keys (a company's own dry-run verifies against its own key). ``quota``, when
     given, is charged one evaluation of this view's test split for ``org`` before any
-    prediction runs (adaptive probing of a test split is what it limits).
+    prediction runs (adaptive probing of a test split is what it limits). ``facts`` are
+    more job metadata the admission policy sees under ``input.job`` (the node agent's:
+    the price offered, the epsilon already spent).
 
     Raises:
         PolicyError: admission refused the job, or the guard denied its outputs.
@@ -219,6 +223,7 @@ def run_job(
         "model_source": manifest.model.source.value,
         "bundle_digest": bundle.digest,
         "records": records,
+        **(facts or {}),
     }
     phase("admission")
     dp = _admit(bundle, rules, job, counts, pinned=signer_pinned)
@@ -350,6 +355,29 @@ def _admit(
     pinned: bool,
 ) -> DPPlan | None:
     manifest = bundle.manifest
+    decide_admission(bundle, rules, job, pinned=pinned)
+    wants_dp = manifest.privacy.dp or rules.dp_required
+    if not wants_dp or manifest.train is None:
+        return None
+    return plan_dp(
+        records=counts["train"],
+        batch_size=manifest.train.batch_size,
+        epochs=manifest.train.epochs,
+        target_epsilon=rules.dp_epsilon,
+        delta=rules.dp_delta,
+        max_grad_norm=manifest.privacy.max_grad_norm,
+    )
+
+
+def decide_admission(
+    bundle: VerifiedBundle, rules: JobRules, job: Mapping[str, Any], *, pinned: bool
+) -> None:
+    """The admission policy (Rego) on this bundle and job; :class:`PolicyError` on deny.
+
+    The node agent asks it before it builds a view, and :func:`run_job` again on the
+    built view (with the record counts).
+    """
+    manifest = bundle.manifest
     custom = manifest.model.source.value == "custom"
     loop = manifest.train.loop.value if manifest.train is not None else None
     if custom and not rules.allow_custom_code:
@@ -381,16 +409,6 @@ def _admit(
     decision = evaluate_admission(rules.admission_policy, facts)
     if not decision.allowed:
         raise PolicyError("the admission policy refused this job: " + "; ".join(decision.reasons))
-    if not wants_dp or manifest.train is None:
-        return None
-    return plan_dp(
-        records=counts["train"],
-        batch_size=manifest.train.batch_size,
-        epochs=manifest.train.epochs,
-        target_epsilon=rules.dp_epsilon,
-        delta=rules.dp_delta,
-        max_grad_norm=manifest.privacy.max_grad_norm,
-    )
 
 
 # --- sandboxed steps -----------------------------------------------------------------------

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+from rapha import crypto
 from rapha.errors import DataError, PolicyError, UsageError
 
 __all__ = [
@@ -134,23 +135,7 @@ class EvaluationQuota:
 
     def _write(self, used: dict[str, dict[str, int]]) -> None:
         data = json.dumps({"schema": _SCHEMA, "used": used}, sort_keys=True).encode()
-        tmp = self._dir / f".{QUOTA_FILE}.tmp-{os.getpid()}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _MODE)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, _MODE)  # O_CREAT's mode does not apply to a leftover file
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self._dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"cannot write {self.path}: {exc.strerror}") from exc
+        crypto.write_private_atomic(self.path, data, mode=_MODE)
 
 
 def _key(org: str, split_digest: str) -> tuple[str, str]:

@@ -394,6 +394,8 @@ class HubLinkSettings(Settings):
     hospital_id: str = Field(pattern=_HEX32_RE)
     #: The hospital's secp256k1 settlement key (hex, mode 0600): it signs what it is owed.
     settlement_key: Path
+    #: The hospital's payout address, as registered in the vault (receipts name it).
+    payout: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
     #: Price per record this node asks, token base units (USDC: 6 decimals).
     price_per_record: int = Field(ge=0)
     #: A person approves each job (``rapha node approvals``) before it runs.
@@ -429,14 +431,7 @@ class HubLinkSettings(Settings):
 
     def load_settlement_key(self) -> bytes:
         """The 32-byte settlement key (:class:`KeyFileError` when missing or not 0600)."""
-        text = _read_secret_text(self.settlement_key, "settlement key")
-        try:
-            key = bytes.fromhex(text.removeprefix("0x"))
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise KeyFileError(f"{self.settlement_key} must hold 32 bytes as hex")
-        return key
+        return crypto.load_secret_hex(self.settlement_key, length=32, what="settlement key")
 
 
 # --- the node ----------------------------------------------------------------------------
