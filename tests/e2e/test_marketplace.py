@@ -269,6 +269,18 @@ def test_a_job_is_routed_to_a_matching_node_trained_delivered_settled_and_verifi
     assert market.credit(hub.chain.treasury.address) - treasury == due - due * 7000 // 10000
     assert market.credit(market.wallet.address) >= BUDGET - due
     _verify(market, job["id"], tmp_path / "result")
+    # The hospital's record of processing: what ran, counts, what left; no identifiers.
+    code, text = rapha("node", "report", job["id"], "--config", str(market.configs[winner]),
+                       "--format", "json")  # fmt: skip
+    assert code == 0, text
+    report = json.loads(text)
+    assert report["audit_log"]["verified"] is True
+    flat = json.dumps(report)
+    assert "acme-ai" in flat
+    assert receipt["body"]["bundle_digest"] in flat
+    assert '"pinned": true' in flat or '"signer_pinned": true' in flat
+    assert "weights.safetensors" in flat
+    assert "agent.delivered" in flat
 
 
 def _refunded(market: Market, job_id: str, before: int) -> None:

@@ -139,6 +139,10 @@ def submit(
     ],
     wallet: WalletOption,
     rpc: RpcOption = None,
+    environment: Annotated[
+        str | None,
+        typer.Option("--environment", help="demo or production; must be your key's."),
+    ] = None,
     hub: HubOption = None,
     api_key: KeyOption = None,
     as_json: JsonOption = False,
@@ -155,7 +159,8 @@ def submit(
     chain = rpc_chain(rpc)
     with _client(hub, api_key) as client:
         job = submit_job(client, bundle, requirements=requirements, budget=units,
-                         max_price_per_record=price, wallet=account, chain=chain)  # fmt: skip
+                         max_price_per_record=price, wallet=account, chain=chain,
+                         environment=environment)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(job, indent=2))
         return

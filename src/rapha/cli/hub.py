@@ -8,6 +8,7 @@ admin action is recorded in the hub's audit trail (``admin audit`` prints it).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -236,6 +237,88 @@ def list_nodes(
     for node in nodes:
         table.add_row(node.id, node.org, node.environment, node.kind, str(node.activated))
     console.print(table)
+
+
+@admin.command("list-jobs")
+def list_jobs(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every job of every company, with its state and node (an audited read)."""
+    from rapha.hub.jobs import JobService
+    from rapha.hub.services import SYSTEM
+
+    jobs = JobService(_hub(config, db).db).list_jobs(SYSTEM)
+    if as_json:
+        typer.echo(json.dumps([j.to_json() for j in jobs], indent=2))
+        return
+    table = Table("job", "state", "environment", "kind", "node", "attempts", "detail")
+    for job in jobs:
+        table.add_row(job.id, job.state.value, job.environment, job.kind, job.node_id or "—",
+                      str(job.attempts), job.failure or job.explanation)  # fmt: skip
+    console.print(table)
+
+
+@admin.command("register-hospital-payout")
+def register_hospital_payout(
+    hospital: Annotated[str, typer.Argument(help="The hospital organisation.")],
+    payout: Annotated[str, typer.Option("--payout", help="Its payout address (0x…).")],
+    signer: Annotated[
+        str, typer.Option("--signer", help="Address of its settlement key (the node signs).")
+    ],
+    owner_key: Annotated[
+        Path, typer.Option("--owner-key", help="The vault owner's key file (hex, 0600).")
+    ],
+    hospital_id: Annotated[
+        str | None,
+        typer.Option("--hospital-id", help="0x + 64 hex; default keccak256(hospital name)."),
+    ] = None,
+    rpc: Annotated[
+        str | None, typer.Option("--rpc", help="The chain's JSON-RPC URL (default: chain).")
+    ] = None,
+    vault: Annotated[
+        str | None, typer.Option("--vault", help="The vault's address (default: vault).")
+    ] = None,
+    config: ConfigOption = None,
+    db: DbOption = None,
+) -> None:
+    """Register (or change) a hospital's payout and settlement signer in the vault.
+
+    The change is proposed now and takes effect after the vault's registry timelock; the
+    hub records the payout as the hospital's wallet at once (receipts must name it).
+    """
+    from eth_account import Account
+    from eth_utils.crypto import keccak
+
+    from rapha import crypto
+    from rapha.client.escrow import rpc_chain
+    from rapha.hub.services import SYSTEM
+    from rapha.ledger import ClearingVault
+
+    settings = _settings(config, database_url=db)
+    url = rpc or (settings.chain if settings.chain != "embedded" else None)
+    address = vault or settings.vault
+    if url is None or address is None:
+        raise UsageError("give --rpc and --vault (or chain and vault in hub.toml): the "
+                         "embedded chain lives inside the hub process")  # fmt: skip
+    if hospital_id is not None and not re.fullmatch(r"0x[0-9a-f]{64}", hospital_id):
+        raise UsageError("--hospital-id must be 0x followed by 64 lower-case hex digits")
+    ident = bytes.fromhex(hospital_id[2:]) if hospital_id else keccak(text=hospital)
+    hub = _hub(config, db)
+    hub.org_id(hospital)  # refuses an unknown organisation before any transaction
+    owner = Account.from_key(crypto.load_secret_hex(owner_key, length=32, what="owner key"))
+    chain = rpc_chain(url)
+    contract = ClearingVault(chain, chain.contract("ClearingVault", address))
+    result = contract.propose_hospital(owner, ident, payout=payout, signer=signer)
+    delay = int(chain.call(contract.contract.functions.registry_delay()))
+    hub.set_wallet(SYSTEM, hospital, payout)
+    console.print(
+        f"proposed {hospital} (id 0x{ident.hex()}): payout {payout}, signer {signer} in "
+        f"transaction 0x{result.tx_hash.hex()}; it takes effect in {delay} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @admin.command("audit")

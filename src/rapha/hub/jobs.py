@@ -38,7 +38,7 @@ from sqlalchemy import ForeignKey, Index, Integer, String, false, select, text, 
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from rapha.errors import RaphaError, UsageError
-from rapha.hub.db import Base, Database, Role, utcnow
+from rapha.hub.db import Base, Database, OperatorAction, Role, utcnow
 from rapha.hub.services import ForbiddenError, Principal
 
 __all__ = [
@@ -284,9 +284,13 @@ class JobService:
             return _view(self._owned(session, principal, job_id))
 
     def list_jobs(self, principal: Principal) -> list[JobView]:
+        """A company's own jobs; all jobs for the operator (an audited read)."""
         with self.db.session() as session:
             query = select(Job).order_by(Job.created_at)
-            if not principal.is_operator:
+            if principal.is_operator:
+                session.add(OperatorAction(actor=f"{principal.org_name}/{principal.key_id}",
+                                           action="list_jobs", target="*", detail={}))  # fmt: skip
+            else:
                 query = query.where(Job.org_id == principal.org_id)
             return [_view(j) for j in session.execute(query).scalars()]
 

@@ -8,6 +8,7 @@ anything, and every operator action is written to ``operator_actions``.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,6 +174,17 @@ class Hub:
             org_id = secrets.token_hex(8)
             session.add(Org(id=org_id, name=name, role=role.value, wallet=wallet))
         return org_id
+
+    def set_wallet(self, principal: Principal, name: str, wallet: str) -> None:
+        """Set an organisation's registered wallet (a company's payer, a hospital's payout)."""
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", wallet):
+            raise UsageError("a wallet is an 0x-prefixed 20-byte hex address")
+        org_id = self.org_id(name)
+        self._operator(principal, "set_wallet", name, wallet=wallet)
+        with self.db.session() as session:
+            org = session.get(Org, org_id)
+            if org is not None:
+                org.wallet = wallet
 
     def org_id(self, name: str) -> str:
         with self.db.session() as session:

@@ -287,6 +287,12 @@ class DevNodeChain(Chain):
     token: Contract
     vault: Contract
 
+    @staticmethod
+    def demo_accounts(count: int) -> tuple[LocalAccount, ...]:
+        """The fixed, public test accounts :meth:`deploy_rapha` funds, in order: another
+        process that knows a dev chain was deployed by Rapha can act as them."""
+        return tuple(_demo_key(3 + i) for i in range(count))
+
     @classmethod
     def connect(
         cls, url: str, *, chain_id: int = 31337, confirmations: int = 1, timeout: float = 30.0
@@ -318,7 +324,7 @@ class DevNodeChain(Chain):
         ``refund_delay(lease_seconds=900, retries=2, margin_seconds=900)``: three 15-minute
         hub leases and 15 minutes to mine the settlement.
         """
-        self.accounts = tuple(_demo_key(3 + i) for i in range(accounts))
+        self.accounts = self.demo_accounts(accounts)
         for account in (self.owner, self.operator, self.treasury, *self.accounts):
             self._fund(account.address, gas_each)
         self.token = self.deploy("MockUSDC", self.owner)

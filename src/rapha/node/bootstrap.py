@@ -198,6 +198,21 @@ memory = {12 << 30}                   # memory of the whole process tree (cgroup
 processes = 512                         # processes and threads of the tree
 tmp_bytes = {1 << 30}                   # size of the sandbox's /tmp
 output_bytes = {2 << 30}                # size of its output directory
+
+# --- the hub: `rapha node run` connects out to it (docs/hospital.md) ----------------------
+# Uncomment and fill in once the hub operator enrolled this node.
+# [hub]
+# url = "https://hub.example.org"        # plain http:// only to this machine
+# node_id = "{name}-1"                   # the id the operator enrolled
+# environment = "demo"                   # demo or production (production needs tpm2)
+# attestation = "dev"                    # dev (demo only) or tpm2 (with tpm_tcti)
+# hospital_id = "0x…"                    # the hospital's id in the vault registry
+# settlement_key = "keys/settlement.key" # secp256k1 key (hex, 0600) that signs what is owed
+# payout = "0x…"                         # the payout address registered in the vault
+# price_per_record = 2500                # token base units (USDC: 6 decimals)
+# approvals = false                      # true: a person approves each job first
+# ca_bundle = "keys/hub-ca.pem"          # a private CA for the hub's TLS certificate
+# proxy = "http://proxy.hospital:3128"   # an outbound proxy (or HTTPS_PROXY)
 """
 
 

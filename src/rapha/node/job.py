@@ -227,7 +227,10 @@ def run_job(
     }
     phase("admission")
     dp = _admit(bundle, rules, job, counts, pinned=signer_pinned)
-    audit.append("job.admitted", {**job, "dp": dp is not None})
+    audit.append("job.admitted", {
+        **job, "dp": dp is not None, **({"epsilon": dp.epsilon} if dp is not None else {}),
+        "signer": {"fingerprint": bundle.signer_fingerprint, "pinned": signer_pinned},
+    })  # fmt: skip
     sandbox.ensure_available()
     curve: list[dict[str, float | int]] = []
 
