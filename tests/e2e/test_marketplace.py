@@ -152,8 +152,6 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
 
 @contextlib.contextmanager
 def _market(root: Path, archive: Path, stack: contextlib.ExitStack) -> Iterator[Market]:
-    from rapha.attest.measure import measure
-    from rapha.node.job import sandbox_from_settings
     from rapha.node.settings import load_node_settings
 
     orthanc = start_orthanc(root / "orthanc")
@@ -197,14 +195,20 @@ def _market(root: Path, archive: Path, stack: contextlib.ExitStack) -> Iterator[
         hub.hub.enroll_node(SYSTEM, node_id=hospital.node_id, org_name=name,
                             public_key_pem=crypto.public_key_pem(public),
                             environment="demo", kind="dev")  # fmt: skip
-        digest = measure(sandbox_from_settings(settings.sandbox)).digest
-        hub.hub.allow_measurement(SYSTEM, "demo", digest)
         hospitals[name], configs[name] = hospital, config
         agents[name] = AgentProcess(config)
         stack.callback(agents[name].stop)
     hub.chain.time_travel(REGISTRY_DELAY + 1)  # the vault's registry timelock
     for agent in agents.values():
         agent.start()
+    # Each agent measures itself and is refused until the operator allows what it printed.
+    for name, agent in agents.items():
+
+        def printed(agent: AgentProcess = agent) -> re.Match[str] | None:
+            return re.search(r"measurement ([0-9a-f]{64})", agent.log)
+
+        found = wait_for(f"{name}'s measurement", printed, timeout=60)
+        hub.hub.allow_measurement(SYSTEM, "demo", found.group(1))
     market = Market(hub, company, payer, hospitals, configs, agents, bundles, keys / "acme.key")
 
     def all_published() -> bool:

@@ -52,7 +52,14 @@ from rapha import crypto
 from rapha.attest import DevProvider, Event, delivery_nonce
 from rapha.audit import AuditLog
 from rapha.client import ConflictError, HubError, NodeClient
-from rapha.errors import ConfigError, IntegrityError, PolicyError, RaphaError, RemoteError
+from rapha.errors import (
+    ConfigError,
+    IntegrityError,
+    PolicyError,
+    RaphaError,
+    RemoteError,
+    UsageError,
+)
 from rapha.node.job import JobError, JobRules, decide_admission, run_job, sandbox_from_settings
 from rapha.node.settings import HubLinkSettings, NodeSettings
 from rapha.runtime.progress import ProgressEvent
@@ -284,10 +291,24 @@ class NodeAgent:
     # --- the loop ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Measure, attest and publish, retrying with backoff while the hub is away."""
-        self.measure()
-        self._retrying(self.attest)
-        self._retrying(self.publish_profile)
+        """Measure, attest and publish, retrying with backoff while the hub is away.
+
+        A refused attestation (this measurement is not allowlisted yet, the node not
+        enrolled) is retried every ``backoff_max`` seconds, saying what the operator must
+        do, so a node can be started before the hub operator has allowlisted it.
+        """
+        measurement = self.measure()
+        while not self.stopping.is_set():
+            try:
+                self._retrying(self.attest)
+                break
+            except (HubError, UsageError) as exc:  # 400/401/403: refused, not unreachable
+                self.say(f"the hub refused the attestation ({exc}): ask the hub operator to "
+                         f"enrol {self.link.node_id} and allow measurement {measurement}; "
+                         f"retrying in {self.link.backoff_max:g} s")  # fmt: skip
+                self._sleep(self.link.backoff_max)
+        if not self.stopping.is_set():
+            self._retrying(self.publish_profile)
 
     def run(self, *, max_jobs: int | None = None) -> int:
         """Claim and run jobs until :attr:`stopping` is set (or ``max_jobs`` have ended);
