@@ -45,8 +45,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # scripts/run-pytest fails on a failing test but not on pytest's "collected nothing" (5).
-# Two pytest-xdist workers by default; `make test PYTEST_ARGS=...` replaces them.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# Two pytest-xdist workers by default; `make test PYTEST_ARGS=...` replaces them. Whole
+# modules go to one worker (loadscope): a module's fixture (an archive, a marketplace) is
+# built once, not once per worker.
+PYTEST_ARGS ?= -n 2 --dist loadscope
 test: setup lint
 	PY=$(PY) ./scripts/run-pytest $(PYTEST_ARGS)
 

@@ -47,7 +47,7 @@ from support.market import (
 )
 from support.orthanc import start_orthanc, upload_folder
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("marketplace")]
+pytestmark = pytest.mark.slow
 
 PRICE, FAR_PRICE, MAX_PRICE = 2_000, 900_000, 3_000
 BUDGET = 5_000_000  # 5 USDC
@@ -198,6 +198,9 @@ def _market(root: Path, archive: Path, stack: contextlib.ExitStack) -> Iterator[
         hospitals[name], configs[name] = hospital, config
         agents[name] = AgentProcess(config)
         stack.callback(agents[name].stop)
+    # Stopped together: each takes a moment to finish its long poll.
+    for agent in agents.values():  # callbacks run last-first: all are asked before any waits
+        stack.callback(agent.terminate)
     hub.chain.time_travel(REGISTRY_DELAY + 1)  # the vault's registry timelock
     for agent in agents.values():
         agent.start()
