@@ -195,8 +195,10 @@ def _serve(factory: str, env: dict[str, str], workdir: Path, *,
 
 
 def _rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024  # type: ignore[index]
+    found = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    if found is None:
+        raise RuntimeError(f"process {pid} reports no VmRSS")
+    return int(found[1]) / 1024
 
 
 def _cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -220,6 +222,30 @@ def _established(port: int) -> int:
     """TCP connections the server side of ``port`` holds open (IPv4)."""
     rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
     return sum(row[3] == "01" and int(row[1].rsplit(":", 1)[1], 16) == port for row in rows)
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (``/proc/stat``)."""
+    user, nice, system, _idle, _iowait, *rest = map(
+        int, Path("/proc/stat").read_text().split()[1:9]
+    )
+    return (user + nice + system + sum(rest)) / os.sysconf("SC_CLK_TCK")
+
+
+def _ours() -> float:
+    """CPU seconds of this process and its reaped children (uvicorn, PostgreSQL)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _others(since: tuple[float, float, float]) -> float:
+    """Cores other processes used on average since ``(perf_counter, machine busy, ours)``."""
+    started, busy, ours = since
+    used = _busy_seconds() - busy - (_ours() - ours)
+    return max(0.0, used) / (time.perf_counter() - started)
 
 
 def _commits(db: Database) -> int:
@@ -539,6 +565,7 @@ class Results:
     loads: dict[tuple[str, int], Load]
     probe: tuple[Load, Load]  # the bare app on one connection: ours, uvicorn --workers
     matching: dict[str, Any]
+    others: float  # cores the machine's other processes used on average during the run
 
 
 def _report(r: Results) -> None:
@@ -556,7 +583,9 @@ def _report(r: Results) -> None:
         "The baseline is a minimal FastAPI app with one trivial `POST` route (a plain "
         "function, as the hub's are), served the same way in the same run. The load "
         "generator is a third process on the same 2 cores. Every node may take every job "
-        "here (the claim is the lease query alone); matching is measured on its own.\n"
+        "here (the claim is the lease query alone); matching is measured on its own. Other "
+        f"processes on the machine used {r.others:.2f} of its cores on average during the run "
+        "(`/proc/stat` less this run's own): they show as noise.\n"
     )
     print(
         f"### Long polls\n\n{NODES:,} signed `POST /v1/node/claim?wait={HOLD_WAIT}` sent at "
@@ -681,6 +710,7 @@ def main() -> None:
     import matching
     from support.postgres import postgres_bindir, start_postgres
 
+    since = time.perf_counter(), _busy_seconds(), _ours()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # each held poll is a socket here and one in a worker
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -721,7 +751,19 @@ def main() -> None:
             world.db.close()
         with _phase("matching"):  # a private helper of a sibling script, on purpose: no copy
             matched = matching._measure(server.create_database("matching"))
-    _report(Results(world, alone, bare_rss, hold, latencies, loads, (ours, theirs), matched))
+    _report(
+        Results(
+            world,
+            alone,
+            bare_rss,
+            hold,
+            latencies,
+            loads,
+            (ours, theirs),
+            matched,
+            _others(since),
+        )
+    )
 
 
 if __name__ == "__main__":

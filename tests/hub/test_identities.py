@@ -254,27 +254,38 @@ def test_rapha_hub_serve_answers_on_loopback(tmp_path: Path) -> None:
     rapha = str(Path(sys.executable).with_name("rapha"))
     subprocess.run([rapha, "hub", "init", str(tmp_path / "hub")], check=True, capture_output=True)
     port = free_port()
-    proc = subprocess.Popen(
-        [rapha, "hub", "serve", "--config", str(tmp_path / "hub" / "hub.toml"),
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"},
-    )  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:  # a file, not a pipe: reading it never blocks
+        proc = subprocess.Popen(
+            [rapha, "hub", "serve", "--config", str(tmp_path / "hub" / "hub.toml"),
+             "--port", str(port), "--db", f"sqlite:///{tmp_path / 'hub.db'}"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"},
+        )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
+        # Start-up migrates the database and deploys the embedded chain's contracts:
+        # seconds on an idle machine, more while the rest of the suite runs beside it.
+        deadline = time.monotonic() + 120
         while True:
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
                 break
             except httpx.TransportError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    detail = proc.stderr.read().decode() if proc.stderr else ""
-                    raise AssertionError(detail) from exc
+                    raise AssertionError(log_path.read_text()) from exc
                 time.sleep(0.2)
         assert health.json()["ok"] is True
         assert httpx.get(f"http://127.0.0.1:{port}/v1/whoami").status_code == 401
+        chain = httpx.get(f"http://127.0.0.1:{port}/v1/chain").json()
+        assert chain["vault"].startswith("0x")
+        assert chain["vault"] in log_path.read_text()  # serve prints where it settles
     finally:
         proc.terminate()
-        proc.communicate(timeout=10)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise AssertionError("rapha hub serve did not stop on SIGTERM") from None
 
 
 def test_only_a_freshly_attested_node_with_a_matching_profile_is_eligible(hub: Hub) -> None:
