@@ -427,6 +427,7 @@ def test_a_node_killed_mid_job_is_replaced_and_its_late_upload_is_fenced(
                     "delivery_nonce": "00" * 32, "files": {},
                 })  # fmt: skip
             assert getattr(refused.value, "status", None) == 409
+            assert getattr(refused.value, "error", None) == "StaleLeaseError"
         assert market.job(job["id"])["state"] == JobState.SETTLED.value
     finally:
         shutil.rmtree(market.configs[name].parent / "state" / "jobs", ignore_errors=True)

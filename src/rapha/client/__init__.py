@@ -33,11 +33,13 @@ __all__ = [
 
 
 class HubError(RemoteError):
-    """The hub answered with an error; ``status`` is its HTTP status."""
+    """The hub answered with an error; ``status`` is its HTTP status and ``error`` the
+    hub's name for it (``StaleLeaseError``, ``TransitionError`` …; empty if it gave none)."""
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int, error: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.error = error
 
 
 class AuthenticationError(HubError):
@@ -63,13 +65,14 @@ def _raise_for(response: httpx.Response) -> None:
     if response.is_success:
         return
     try:
-        detail = str(response.json().get("detail", response.text))
+        body = response.json()
+        detail, error = str(body.get("detail", response.text)), str(body.get("error", ""))
     except (ValueError, AttributeError):
-        detail = response.text[:500]
+        detail, error = response.text[:500], ""
     if response.status_code in (400, 422):
         raise UsageError(f"the hub refused the request: {detail}")
     cls = _BY_STATUS.get(response.status_code, HubError)
-    raise cls(f"hub {response.status_code}: {detail}", status=response.status_code)
+    raise cls(f"hub {response.status_code}: {detail}", status=response.status_code, error=error)
 
 
 def _encode(body: Any) -> bytes:

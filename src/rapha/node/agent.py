@@ -422,7 +422,7 @@ class NodeAgent:
         except _LeaseLostError:
             return self._lost(job_id)
         except ConflictError as exc:
-            if "stale" in str(exc):
+            if exc.error == "StaleLeaseError":
                 return self._lost(job_id)
             self._fail(job_id, token, failure_reason("node_error", exc))
             return "failed"
