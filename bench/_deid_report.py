@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Final
 
+from _summary import summary_line  # bench/ is the script's directory
+
 HEADER_TARGET: Final = 3.0
 FULL_TARGET: Final = 1.3
 
@@ -259,3 +261,34 @@ def _tesseract() -> str:
     import pytesseract
 
     return str(pytesseract.get_tesseract_version())
+
+
+def summary_lines(header: Timings, full: Timings) -> list[str]:
+    """The summary lines: the header path against each peer, the full path against the floor."""
+    lines = []
+    n = len(header.items)
+    ours = header.seconds("rapha")
+    peers = {p: header.seconds(p) for p in ("dicognito", "deid")}
+    faster = min(peers, key=peers.__getitem__)
+    for peer, theirs in peers.items():
+        target = f" (target >= {HEADER_TARGET:g}x the faster peer)" if peer == faster else ""
+        lines.append(
+            summary_line(
+                f"de-identification, header path, {n} files on one core",
+                rapha=f"{_rate(n, ours)} files/s",
+                peer=f"{peer} {version(peer)}: {_rate(n, theirs)} files/s",
+                ratio=f"{theirs / ours:.2f}x faster{target}",
+            )
+        )
+    m = len(full.items)
+    ours, floor = full.seconds("rapha"), full.seconds("pydicom pixel_array")
+    lines.append(
+        summary_line(
+            f"de-identification, full path to 224x224, {m} files on one core, total time",
+            rapha=f"header + `prepare_pixels`: {_rate(m, ours)} files/s",
+            peer=f"pydicom `pixel_array` (the decode alone): {_rate(m, floor)} files/s",
+            ratio=f"{ours / floor:.2f}x the floor's time (lower is better; target <= "
+            f"{FULL_TARGET:g}x)",
+        )
+    )
+    return lines

@@ -71,6 +71,7 @@ from _deid_report import (  # noqa: E402  (bench/ is the script's directory)
     full_section,
     header_section,
     ocr_section,
+    summary_lines,
 )
 from rapha.dataset import resample, to_display  # noqa: E402
 from rapha.demo.archive import generate_archive  # noqa: E402
@@ -366,6 +367,7 @@ def main() -> int:
         + ocr_section(ocr, full, found, shapes),
         file=out,
     )
+    print("\n" + "\n".join(summary_lines(header, full)), file=out)
     return 0
 
 

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import FastAPI
 
+from _summary import summary_line  # bench/ is the script's directory
 from rapha.hub.app import create_app
 from rapha.hub.artifacts import FilesystemArtifactStore
 from rapha.hub.db import open_database
@@ -699,6 +700,38 @@ def _report(r: Results) -> None:
         f"{best.cpu / best.requests * 1000:.1f} ms of worker CPU each (the bare app: "
         f"{bare.cpu / bare.requests * 1000:.2f} ms)"
         + (f"; with {max(CONNECTIONS)} connections it served fewer." if fewer else ".")
+    )
+    print()
+    held, idle = sum(hold.rss_held), sum(r.bare_rss)
+    print(
+        summary_line(
+            f"{NODES:,} long polls held at once, memory of the {WORKERS} workers",
+            rapha=f"{hold.at_once():,} of {NODES:,} held ({len(hold.errors)} errors), "
+            f"hub workers {held:.0f} MiB RSS",
+            peer=f"bare FastAPI app's workers, idle: {idle:.0f} MiB RSS",
+            ratio=f"{held / idle:.2f}x the memory (lower is better)",
+        )
+    )
+    for connections in CONNECTIONS:
+        ours_load, bare_load = r.loads["hub", connections], r.loads["bare", connections]
+        print(
+            summary_line(
+                f"job submissions per second, {connections} connections",
+                rapha=f"`POST /v1/jobs`: {ours_load.per_second:,.0f} requests/s",
+                peer=f"bare FastAPI `POST`: {bare_load.per_second:,.0f} requests/s",
+                ratio=f"{ours_load.per_second / bare_load.per_second:.2f}x the bare app's "
+                "rate (higher is better)",
+            )
+        )
+    from matching import NODES as PROFILES
+
+    print(
+        summary_line(
+            f"matcher latency over {PROFILES:,} profiles, PostgreSQL after the load phases",
+            rapha=f"`ProfileService.match`: p50 {m50:.2f} ms, p99 {m99:.2f} ms",
+            peer=f"naive scan in Python: p50 {n50:.0f} ms",
+            ratio=f"{n50 / m50:.0f}x faster at p50",
+        )
     )
 
 

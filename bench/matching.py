@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from sqlalchemy import select, text
 
+from _summary import summary_line  # bench/ is the script's directory
 from rapha.hub.db import Database, Node, open_database
 from rapha.hub.profiles import (
     JobRequirements,
@@ -203,6 +204,17 @@ def main() -> None:
         f"{results[0][1]['matched']} of the {BASELINE_REQUESTS} checked requirements "
         "matched at least one node."
     )
+    print()
+    for name, r in results:
+        (p50, p99), (n50, n99) = r["ours"], r["naive"]
+        print(
+            summary_line(
+                f"matcher latency over {NODES:,} node profiles, {name}",
+                rapha=f"`ProfileService.match`: p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+                peer=f"naive scan in Python: p50 {n50:.1f} ms, p99 {n99:.1f} ms",
+                ratio=f"{n50 / p50:.0f}x faster at p50",
+            )
+        )
 
 
 if __name__ == "__main__":

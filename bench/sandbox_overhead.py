@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from _summary import cpu_name, summary_line  # bench/ is the script's directory
+
 STUDIES: Final = 1000
 EPOCHS: Final = 35  # a plain run of >= 60 s on a quiet 2-core machine (the target needs it)
 RUNS: Final = 3
@@ -62,16 +64,6 @@ class Run:
 
 def _log(message: str) -> None:
     print(f"sandbox_overhead: {message}", file=sys.stderr, flush=True)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _unavailable(why: str) -> int:
@@ -266,7 +258,7 @@ def main() -> int:
         f"sandbox probe are not counted. The sandbox's uid pool starts at {UID} instead "
         "of the default 61000, to keep clear of sandboxes other work on this shared host "
         "runs at the same time. "
-        f"Runs interleaved, plain first, {options.runs} of each. Machine: {_cpu()}, "
+        f"Runs interleaved, plain first, {options.runs} of each. Machine: {cpu_name()}, "
         f"{os.cpu_count()} cores shared with other work (1-minute load average "
         f"{load_before:.1f} before, {load_after:.1f} after), so expect some noise.\n"
     )
@@ -301,6 +293,17 @@ def main() -> int:
             "each sandbox ran from a fresh node-side driver process, so the figure covers "
             "that one run. The largest `VmHWM` among the sandbox uid's processes, polled "
             f"from `/proc` once a second, is {_mb(tree_rss)} MB (median)."
+        )
+    )
+    print()
+    print(
+        summary_line(
+            f"one training run ({ZOO}, {hp['epochs']} epochs, {counts['train']} records), "
+            "wall time",
+            rapha=f"sandboxed runtime: {boxed_s:.1f} s (median of {options.runs})",
+            peer=f"plain PyTorch subprocess: {plain_s:.1f} s (median of {options.runs})",
+            ratio=f"{ratio:.3f}x the time (lower is better; target <= {TARGET:.2f}: "
+            f"{verdict if long_enough else 'n/a, the plain run is under 60 s'})",
         )
     )
     return 0

@@ -24,6 +24,7 @@ import vyper
 from eth_account import Account
 from eth_utils.crypto import keccak
 
+from _summary import summary_line  # bench/ is the script's directory
 from rapha.ledger import ClearingVault, EmbeddedChain, sign_settlement
 
 GAS_GWEI = float(os.environ.get("RAPHA_BENCH_GAS_GWEI", "30"))
@@ -136,6 +137,15 @@ def main() -> None:
         f"(approve is the token's, not counted) costs deposit + settle + withdraw = "
         f"{ours['deposit'] + settle + ours['withdraw']:,} gas, about "
         f"{_usdc(ours['deposit'] + settle + ours['withdraw']):.4f} USDC on Polygon."
+    )
+    print()
+    print(
+        summary_line(
+            "gas of one settle (warm)",
+            rapha=f"`ClearingVault.settle`: {settle:,} gas ({_usdc(settle):.5f} USDC on Polygon)",
+            peer=f"spike contract `SpikeVault.vy`: {base:,} gas",
+            ratio=f"{settle / base:.2f}x the gas (lower is better)",
+        )
     )
 
 

@@ -91,15 +91,16 @@ def test_archive_hospital_name_goes_into_the_headers(tmp_path: Path) -> None:
     assert "St Elsewhere Clinic" in truth["must_not_leak"]
 
 
-def test_plain_demo_generates_an_archive_in_the_workdir(tmp_path: Path) -> None:
+def test_the_whole_demo_refuses_too_few_studies_before_it_starts_anything(
+    tmp_path: Path,
+) -> None:
     workdir = tmp_path / "demo"
 
     result = runner.invoke(demo.app, ["--workdir", str(workdir), "--studies", "4", "--seed", "2"])
 
-    assert result.exit_code == 0, result.output
-    assert (workdir / "archive" / "truth.json").is_file()
-    assert (workdir / "archive" / "labels.csv").is_file()
-    assert "4 studies" in _text(result)
+    assert result.exit_code == 2, result.output
+    assert "--studies" in _text(result)
+    assert not workdir.exists()
 
 
 def test_refuses_a_non_empty_directory_that_is_not_an_archive(tmp_path: Path) -> None:

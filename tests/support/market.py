@@ -10,34 +10,25 @@ lays out a hospital node over a folder or a DICOMweb source with a ``[hub]`` tab
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 
-from rapha import crypto
 from rapha.client import RaphaClient
-from rapha.hub.app import create_app
-from rapha.hub.artifacts import FilesystemArtifactStore
-from rapha.hub.db import Role, open_database
+from rapha.demo.market import HospitalSite, LocalHub, agent_command, configure_node
+from rapha.demo.processes import free_port
+from rapha.hub.db import Role
 from rapha.hub.jobs import JobService
 from rapha.hub.services import SYSTEM, Hub
-from rapha.hub.settlement import SettlementService
-from rapha.hub.worker import HubWorker
 from rapha.ledger import ClearingVault, EmbeddedChain
-from rapha.node import init_node
 from support.hub import PEPPER
-from support.orthanc import free_port
 
 __all__ = ["REGISTRY_DELAY", "AgentProcess", "Hospital", "HubUnderTest", "wait_for", "write_node"]
 
@@ -57,55 +48,23 @@ def wait_for(what: str, check: Callable[[], Any], *, timeout: float, every: floa
         time.sleep(every)
 
 
-class HubUnderTest:
-    """The hub (uvicorn thread), its chain, settlement and loop, restartable in place."""
+class HubUnderTest(LocalHub):
+    """The hub (:class:`rapha.demo.market.LocalHub`: uvicorn thread, settlement, loop) on
+    its own embedded chain with six funded accounts, restartable in place."""
 
     def __init__(self, root: Path, *, lease_seconds: float, max_attempts: int = 3) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.db_url = f"sqlite:///{root / 'hub.db'}"
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.chain = EmbeddedChain.start(accounts=6, registry_delay=REGISTRY_DELAY)
-        self.vault = ClearingVault(self.chain, self.chain.vault)
-        self.hub_key = crypto.generate_private_key()
-        self.artifacts = FilesystemArtifactStore(root / "artifacts")
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.start()
+        chain = EmbeddedChain.start(accounts=6, registry_delay=REGISTRY_DELAY)
+        super().__init__(root, chain=chain, vault=ClearingVault(chain, chain.vault),
+                         port=free_port(), lease_seconds=lease_seconds,
+                         max_attempts=max_attempts, loop_interval=0.3, pepper=PEPPER)  # fmt: skip
 
-    def start(self) -> None:
-        self.hub = Hub(open_database(self.db_url), pepper=PEPPER)
-        self.jobs = JobService(self.hub.db, lease_seconds=self.lease_seconds,
-                               max_attempts=self.max_attempts)  # fmt: skip
-        self.settlement = SettlementService(
-            self.hub.db, self.jobs, self.chain, self.vault, verifier=self.hub.verifier,
-            hub_key=self.hub_key, operator=self.chain.operator, artifacts=self.artifacts,
-        )  # fmt: skip
-        self.worker = HubWorker(self.jobs, self.settlement, interval=0.3,
-                                explain=self.hub.explain)  # fmt: skip
-        app = create_app(self.hub, artifacts=self.artifacts, settlement=self.settlement,
-                         jobs=self.jobs)  # fmt: skip
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        wait_for("uvicorn to start", lambda: self._server is not None and self._server.started,
-                 timeout=20, every=0.02)  # fmt: skip
-        self.worker.start()
+    @property
+    def hub(self) -> Hub:
+        return self.parts.hub
 
-    def stop(self) -> None:
-        self.worker.stop()
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=15)
-        self.hub.db.close()
-
-    def restart(self, *, down_for: float = 0.0) -> None:
-        self.stop()
-        time.sleep(down_for)
-        self.start()
+    @property
+    def jobs(self) -> JobService:
+        return self.parts.jobs
 
     # --- parties ----------------------------------------------------------------------------
 
@@ -160,37 +119,11 @@ def write_node(
     approvals: bool = False,
 ) -> Path:
     """A node for ``hospital`` over ``source`` (folder or DICOMweb URL); its node.toml."""
-    init_node(root, name=hospital.node_id, source=source)
-    key_file = root / "keys" / "settlement.key"
-    key_file.write_text(bytes(hospital.signer.key).hex())
-    key_file.chmod(0o600)
-    config = root / "node.toml"
-    text = config.read_text(encoding="utf-8")
-    text = text.replace('# labels = "labels.csv"', f'labels = "{labels}"')
-    text = re.sub(r"(?m)^date_from = \S+", "date_from = 2000-01-01", text)
-    text = re.sub(r"(?m)^modalities = .*$", f'modalities = ["{modality}"]', text)
-    text = re.sub(r"(?m)^uid = \d+", f"uid = {uid}", text)
-    text = text.replace("[ocr.disabled]", f'[ocr.disabled]\n{modality} = "{_OCR_OFF}"', 1)
-    pinned = ", ".join(f'"{org}" = ["{path}"]' for org, path in trusted.items())
-    text = text.replace("[policy]\n", f"[policy]\ntrusted_keys = {{ {pinned} }}\n", 1)
-    text += f"""
-[hub]
-url = "{hub_url}"
-node_id = "{hospital.node_id}"
-environment = "demo"
-attestation = "dev"
-hospital_id = "0x{hospital.hospital_id.hex()}"
-settlement_key = "keys/settlement.key"
-payout = "{hospital.payout.address}"
-price_per_record = {price}
-poll_wait = 1
-heartbeat_seconds = 1
-backoff_initial = 0.2
-backoff_max = 1
-approvals = {"true" if approvals else "false"}
-"""
-    config.write_text(text, encoding="utf-8")
-    return config
+    site = HospitalSite(hospital.node_id, hospital.hospital_id, hospital.payout.address,
+                        bytes(hospital.signer.key), price)  # fmt: skip
+    return configure_node(root, site=site, hub_url=hub_url, source=source, labels=labels,
+                          modality=modality, uid=uid, trusted=trusted, approvals=approvals,
+                          ocr_disabled=_OCR_OFF)  # fmt: skip
 
 
 class AgentProcess:
@@ -202,10 +135,9 @@ class AgentProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        rapha = Path(sys.executable).with_name("rapha")
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(  # our own CLI, a config we wrote
-                [str(rapha), "node", "run", "--config", str(self.config)],
+                agent_command(self.config),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "COLUMNS": "200"},

@@ -16,32 +16,24 @@ tests skip, except under ``CI=true``, where they fail: CI must not silently lose
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from support.orthanc import free_port
+from rapha.demo.processes import free_port_pair
+from rapha.demo.tpm import SWTPM_TOOLS, Manufactured, manufacture_tpm, swtpm_command
+from rapha.errors import DependencyError
 from support.required import skip_or_fail
 
 __all__ = ["SWTPM_TOOLS", "SwtpmServer", "missing_tools", "start_swtpm", "swtpm_or_skip"]
 
-SWTPM_TOOLS = ("swtpm", "swtpm_setup", "swtpm_localca")
 _START_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class _Manufactured:
-    state: Path
-    root_ca: Path
-    issuer_ca: Path
 
 
 class SwtpmServer:
@@ -53,7 +45,7 @@ class SwtpmServer:
     """
 
     def __init__(
-        self, process: subprocess.Popen[bytes], *, port: int, made: _Manufactured, log: Path
+        self, process: subprocess.Popen[bytes], *, port: int, made: Manufactured, log: Path
     ) -> None:
         self._process = process
         self.port = port
@@ -85,59 +77,7 @@ class SwtpmServer:
 
 
 def missing_tools() -> list[str]:
-    """The swtpm binaries not on PATH."""
     return [tool for tool in SWTPM_TOOLS if shutil.which(tool) is None]
-
-
-def _manufacture(workdir: Path) -> _Manufactured:
-    """Run ``swtpm_setup`` with a local CA whose configuration and keys live in ``workdir``."""
-    state, ca = workdir / "state", workdir / "ca"
-    state.mkdir(parents=True)
-    ca.mkdir()
-    localca_conf = workdir / "swtpm-localca.conf"
-    localca_conf.write_text(
-        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
-        f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
-    )
-    localca_options = workdir / "swtpm-localca.options"
-    localca_options.write_text(
-        "--platform-manufacturer Rapha\n--platform-version 2.1\n--platform-model swtpm\n"
-    )
-    setup_conf = workdir / "swtpm_setup.conf"
-    setup_conf.write_text(
-        f"create_certs_tool = {shutil.which('swtpm_localca')}\n"
-        f"create_certs_tool_config = {localca_conf}\n"
-        f"create_certs_tool_options = {localca_options}\n"
-        "active_pcr_banks = sha256\n"
-    )
-    command = ["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--config", str(setup_conf)]
-    command += ["--create-ek-cert", "--create-platform-cert", "--overwrite"]
-    if os.geteuid() == 0:
-        # Name the user explicitly: the state must belong to whoever owns the directory,
-        # never to the distribution's tss user.
-        command += ["--runas", "root"]
-    # XDG_CONFIG_HOME/HOME point at workdir, so no user configuration is picked up.
-    env = {**os.environ, "XDG_CONFIG_HOME": str(workdir), "HOME": str(workdir), "LANG": "C"}
-    result = subprocess.run(  # fixed system binaries, arguments we built
-        command, capture_output=True, env=env, cwd=workdir, timeout=120, check=False
-    )
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).decode(errors="replace")
-        raise RuntimeError(f"swtpm_setup failed (code {result.returncode}):\n{output[-3000:]}")
-    return _Manufactured(state, ca / "swtpm-localca-rootca-cert.pem", ca / "issuercert.pem")
-
-
-def _port_pair() -> int:
-    """A port ``P`` with ``P`` and ``P + 1`` free on 127.0.0.1 a moment ago."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free loopback ports")
 
 
 def _answers(port: int) -> bool:
@@ -152,14 +92,14 @@ def start_swtpm(workdir: Path) -> SwtpmServer:
     Raises ``RuntimeError`` with swtpm's output when setup fails or the server does not
     come up within 20 s.
     """
-    made = _manufacture(workdir)
+    try:
+        made = manufacture_tpm(workdir)
+    except DependencyError as exc:
+        raise RuntimeError(str(exc)) from exc
     log_path = workdir / "swtpm.log"
     for _ in range(3):  # another process may take a port between probe and bind
-        port = _port_pair()
-        command = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={made.state}"]
-        command += ["--server", f"type=tcp,port={port},bindaddr=127.0.0.1"]
-        command += ["--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1"]
-        command += ["--flags", "not-need-init,startup-clear"]
+        port = free_port_pair()
+        command = swtpm_command(made, port)
         with log_path.open("ab") as log:
             process = subprocess.Popen(  # fixed system binary, loopback only
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir

@@ -1,8 +1,10 @@
 """``rapha demo``: the one-machine demo and its synthetic hospital archive.
 
-``rapha demo [--workdir DIR] [--studies N] [--seed S]``
-    generates a demo archive under ``DIR/archive`` (default ``./rapha-demo/archive``) and
-    prints what it made.
+``rapha demo [--workdir DIR] [--studies N] [--seed S] [--keep-running] [--no-orthanc] [--no-tpm]``
+    the whole flow on this machine (:mod:`rapha.demo.flow`): two hospitals, the embedded
+    chain, the hub and two node agents, one AI company's job end to end; prints the
+    summary and writes ``DIR/summary.json`` and ``DIR/report.html`` (default
+    ``./rapha-demo``). Ctrl-C stops every process it started.
 ``rapha demo archive --out DIR --studies N --seed S [--hospital NAME]``
     writes just the archive (DICOM files, ``labels.csv``, ``truth.json``) to ``DIR``.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rapha.cli._app import EXIT_CODES_HELP, new_app
+from rapha.demo.flow import DEFAULT_STUDIES as DEMO_STUDIES
+from rapha.demo.flow import MIN_STUDIES
 from rapha.errors import DependencyError
 
 if TYPE_CHECKING:
@@ -61,24 +66,73 @@ JsonOption = Annotated[
 def demo(
     ctx: typer.Context,
     workdir: Annotated[
-        Path, typer.Option("--workdir", help="Where the demo keeps its files.")
+        Path, typer.Option("--workdir", help="Where the demo keeps everything it makes.")
     ] = Path("rapha-demo"),
-    studies: StudiesOption = DEFAULT_STUDIES,
+    studies: Annotated[
+        int,
+        typer.Option(
+            "--studies",
+            min=MIN_STUDIES,
+            max=20_000,
+            help="Studies in each hospital's synthetic archive.",
+        ),
+    ] = DEMO_STUDIES,
     seed: SeedOption = DEFAULT_SEED,
+    keep_running: Annotated[
+        bool,
+        typer.Option(
+            "--keep-running",
+            help="Leave the hub and both nodes running after the summary, until Ctrl-C.",
+        ),
+    ] = False,
+    orthanc: Annotated[
+        bool,
+        typer.Option(
+            "--orthanc/--no-orthanc",
+            help="Serve the second hospital from Orthanc when it is installed.",
+        ),
+    ] = True,
+    tpm: Annotated[
+        bool,
+        typer.Option(
+            "--tpm/--no-tpm", help="Attest with a software TPM (swtpm) when installed, else dev."
+        ),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Run the demo: generate a synthetic hospital archive under WORKDIR/archive."""
+    """Run the whole flow on this machine: two hospitals, the hub, the chain, one job.
+
+    Prints the summary and writes WORKDIR/summary.json and WORKDIR/report.html.
+    """
     if ctx.invoked_subcommand is not None:
         return
-    summary = _generate(
-        workdir / "archive",
-        studies=studies,
-        seed=seed,
-        hospital=DEFAULT_HOSPITAL,
-        size_range=(256, 512),
-        quiet=as_json,
-    )
-    _report(summary, as_json=as_json)
+    from rapha.cli._demo_ui import RichUI, render_summary
+    from rapha.demo.flow import Demo, DemoOptions, interrupts_as_keyboard
+
+    ui = RichUI(_stderr, quiet=as_json)
+    options = DemoOptions(workdir=workdir, studies=studies, seed=seed, orthanc=orthanc, tpm=tpm)
+    with interrupts_as_keyboard(), ui, Demo(options, ui=ui) as run:
+        try:
+            summary = run.run()
+        except KeyboardInterrupt:
+            ui.stop()
+            _stderr.print("[yellow]interrupted[/]: stopping every process the demo started …")
+            raise typer.Exit(130) from None
+        ui.stop()
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            render_summary(summary, console)
+        if keep_running:
+            assert run.hub is not None
+            console.print(f"the hub stays at {run.hub.url}; both nodes keep polling it. "
+                          "Ctrl-C stops everything.", highlight=False)  # fmt: skip
+            try:
+                while all(c.running for c in run.children):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            _stderr.print("stopping every process the demo started …")
 
 
 @app.command("archive")

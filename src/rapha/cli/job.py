@@ -23,6 +23,7 @@ from rapha import crypto
 from rapha.cli._app import new_app
 from rapha.cli.company import cancel, fetch, list_jobs, refund, status, submit, watch
 from rapha.cli.dryrun import dry_run
+from rapha.cli.job_report import report
 from rapha.cli.verify import verify
 from rapha.errors import UsageError
 from rapha.runtime.bundle import (
@@ -273,6 +274,7 @@ def _write_weights(directory: Path, manifest: BundleManifest) -> Path:
 
 app.command("dry-run")(dry_run)
 app.command("verify")(verify)
+app.command("report")(report)
 app.command("submit")(submit)
 app.command("watch")(watch)
 app.command("fetch")(fetch)

@@ -152,6 +152,7 @@ def generate_archive(
     hospital: str = "Rapha General Hospital",
     size_range: tuple[int, int] = (256, 512),
     progress: Callable[[int, int], None] | None = None,
+    cr_share: float = 0.4,
 ) -> ArchiveSummary:
     """Write a synthetic archive of ``studies`` studies under ``out`` (see module docstring).
 
@@ -164,6 +165,9 @@ def generate_archive(
         hospital: Institution Name, 8-64 characters.
         size_range: inclusive range of the longer image side in pixels, within 32-2048.
         progress: called as ``progress(done, total)`` after each study.
+        cr_share: the share of chest radiographs written as CR rather than DX, 0 to 1
+            (a DX-only site is 0, a CR-only site 1). The unflagged burned-in case is always
+            CR, whatever the share: only CR may omit Burned In Annotation.
 
     Raises:
         UsageError: an argument is out of range, or ``out`` holds other files.
@@ -171,6 +175,8 @@ def generate_archive(
         RaphaError: the archive could not be written (disk full, permissions).
     """
     _check(studies, seed, size_range)
+    if not 0.0 <= cr_share <= 1.0:
+        raise UsageError(f"cr_share must be between 0 and 1, not {cr_share}")
     if "pylibjpeg" not in JPEG2000LosslessEncoder.available_plugins:
         raise DependencyError(
             "writing JPEG 2000 files needs pylibjpeg and pylibjpeg-openjpeg; "
@@ -180,7 +186,13 @@ def generate_archive(
     try:
         _prepare(out)
         summary = _write(
-            out, site, studies=studies, seed=seed, size_range=size_range, progress=progress
+            out,
+            site,
+            studies=studies,
+            seed=seed,
+            size_range=size_range,
+            progress=progress,
+            cr_share=cr_share,
         )
     except OSError as exc:
         raise RaphaError(
@@ -238,9 +250,10 @@ def _study_info(
     nth: int,
     site: Hospital,
     seed: int,
+    cr_share: float,
 ) -> StudyInfo:
     if plan.kind is Kind.CHEST:
-        modality = "CR" if plan.force_cr or rng.random() < 0.4 else "DX"
+        modality = "CR" if plan.force_cr or rng.random() < cr_share else "DX"
     else:
         modality = {Kind.CT: "CT", Kind.MR: "MR", Kind.US: "US", Kind.SC: "OT"}[plan.kind]
     parts = _MODALITY_BODY_PARTS[plan.kind]
@@ -326,6 +339,7 @@ def _write(
     seed: int,
     size_range: tuple[int, int],
     progress: Callable[[int, int], None] | None,
+    cr_share: float,
 ) -> ArchiveSummary:
     owners = studies_of_patient(seed, studies)
     patients: dict[int, Patient] = {}
@@ -333,7 +347,7 @@ def _write(
     for plan, (patient_index, nth) in zip(plan_studies(seed, studies), owners, strict=True):
         patient = patients.setdefault(patient_index, make_patient(seed, patient_index))
         rng = np.random.default_rng([seed, _STUDY_STREAM, plan.index])
-        study = _study_info(rng, plan, patient, nth, site, seed)
+        study = _study_info(rng, plan, patient, nth, site, seed, cr_share)
         images = _images(rng, plan, study, seed, size_range)
         ts = _transfer_syntax(rng, images)
         study_dir = Path("dicom", f"PAT{patient_index:05d}", f"STU{plan.index:05d}")

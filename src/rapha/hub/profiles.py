@@ -78,6 +78,7 @@ __all__ = [
     "LabelCount",
     "LabelNeed",
     "Match",
+    "NodeFit",
     "NodeLabelCount",
     "NodeProfile",
     "ProfilePublic",
@@ -478,6 +479,50 @@ class ProfileService:
             else:
                 counts += [0] * len(inner)
         return _explain(requirements, environment, _utc(fresh_after), stages, counts)
+
+    def route_table(
+        self, requirements: JobRequirements, *, environment: str, fresh_after: datetime
+    ) -> list[NodeFit]:
+        """Every node of ``environment`` with a profile, and the first requirement of the
+        job it fails (``None``: it is eligible), in the order :meth:`match` ranks; the
+        operator's and the demo's answer to "why this node".
+
+        Uses the matcher's own conditions, one statement for all nodes.
+        """
+        stages = _stages(requirements, environment, _utc(fresh_after))
+        flags = [case((condition, 1), else_=0) for _, condition in stages]
+        query = (
+            select(NodeProfile.node_id, NodeProfile.modality, NodeProfile.body_part,
+                   NodeProfile.records, NodeProfile.price_per_record, *flags)
+            .join(Node, Node.id == NodeProfile.node_id)
+            .where(Node.environment == environment)
+            .order_by(*_ORDER)
+        )  # fmt: skip
+        fits = []
+        with self.db.session() as session:
+            for node_id, modality, body_part, records, price, *met in session.execute(query):
+                failed = next((name for (name, _), ok in zip(stages, met, strict=True)
+                               if not ok), None)  # fmt: skip
+                fits.append(NodeFit(node_id=node_id, modality=modality, body_part=body_part,
+                                    records=records, price_per_record=price,
+                                    failed=failed))  # fmt: skip
+        return fits
+
+
+class NodeFit(BaseModel):
+    """One node against one job (:meth:`ProfileService.route_table`): its published
+    cohort, records and price, and ``failed``, the first requirement it does not meet
+    (``environment``, ``activated``, ``fresh``, ``cohort``, ``records``, ``price`` or
+    ``label:NAME``), or ``None`` when it is eligible."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_id: str
+    modality: str
+    body_part: str
+    records: int
+    price_per_record: int
+    failed: str | None
 
 
 #: The stages up to and including the cohort (:func:`_stages`).

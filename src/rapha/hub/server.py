@@ -13,18 +13,21 @@ The chain is one of:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from rapha import crypto
-from rapha.errors import ConfigError
+from rapha.attest.verifier import Verifier
+from rapha.errors import ConfigError, KeyFileError
 from rapha.hub.app import create_app
 from rapha.hub.artifacts import FilesystemArtifactStore
 from rapha.hub.db import open_database
 from rapha.hub.jobs import JobService
 from rapha.hub.services import Hub
 from rapha.hub.settings import HubSettings
+from rapha.hub.stores import DatabaseAllowlist, DatabaseEnrollmentStore
 from rapha.hub.worker import HubWorker
 
 if TYPE_CHECKING:
@@ -76,20 +79,34 @@ def open_chain(settings: HubSettings) -> tuple[Chain, ClearingVault, Any]:
     return chain, ClearingVault(chain, chain.contract("ClearingVault", settings.vault)), operator
 
 
-def build_server(settings: HubSettings) -> HubServer:
-    """Open the database (migrated), the chain and the artifact store; build the app."""
+def build_server(
+    settings: HubSettings, *, chain: tuple[Chain, ClearingVault, Any] | None = None
+) -> HubServer:
+    """Open the database (migrated), the chain and the artifact store; build the app.
+
+    ``chain`` is an already open ``(chain, vault, operator)``, as :func:`open_chain` gives
+    (``rapha demo`` and the tests keep the embedded chain they deposit on); by default the
+    settings' chain is opened.
+    """
     from rapha.hub.settlement import SettlementService
 
-    hub = Hub(open_database(settings.database_url), pepper=settings.api_key_pepper)
+    db = open_database(settings.database_url)
+    verifier = Verifier(
+        DatabaseEnrollmentStore(db),
+        DatabaseAllowlist(db),
+        ek_ca_certificates=[_read(path, "EK CA") for path in settings.ek_ca_certificates],
+        ek_intermediates=[_read(path, "EK intermediate") for path in settings.ek_intermediates],
+    )
+    hub = Hub(db, pepper=settings.api_key_pepper, verifier=verifier)
     jobs = JobService(
         hub.db, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts
     )
     artifacts = FilesystemArtifactStore(settings.artifacts)
-    chain, vault, operator = open_chain(settings)
+    ledger, vault, operator = chain if chain is not None else open_chain(settings)
     settlement = SettlementService(
         hub.db,
         jobs,
-        chain,
+        ledger,
         vault,
         verifier=hub.verifier,
         hub_key=crypto.load_private_key(settings.signing_key),
@@ -98,4 +115,11 @@ def build_server(settings: HubSettings) -> HubServer:
     )
     app = create_app(hub, artifacts=artifacts, settlement=settlement, jobs=jobs)
     worker = HubWorker(jobs, settlement, interval=settings.loop_interval, explain=hub.explain)
-    return HubServer(settings, hub, jobs, app, worker, chain, vault, settlement)
+    return HubServer(settings, hub, jobs, app, worker, ledger, vault, settlement)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the {what} certificate {path}: {exc.strerror}") from exc

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
@@ -25,6 +25,9 @@ from rapha.errors import ConfigError, KeyFileError, RaphaError, UsageError
 from rapha.hub.auth import NewKey, hash_secret, new_api_key, parse_api_key
 from rapha.hub.db import ApiKey, Database, Node, OperatorAction, Org, Role, utcnow
 from rapha.hub.stores import DatabaseAllowlist, DatabaseEnrollmentStore
+
+if TYPE_CHECKING:
+    from rapha.hub.profiles import NodeFit
 
 __all__ = [
     "SYSTEM",
@@ -125,6 +128,16 @@ class Hub:
 
         fresh_after = utcnow() - timedelta(seconds=self.attestation_freshness)
         return ProfileService(self.db).explain_no_match(
+            JobRequirements.parse(requirements), environment=environment, fresh_after=fresh_after
+        )
+
+    def route_table(self, requirements: dict[str, Any], environment: str) -> list[NodeFit]:
+        """Each node of ``environment`` against a job needing ``requirements``: the first
+        requirement it fails, or none (:meth:`ProfileService.route_table`)."""
+        from rapha.hub.profiles import JobRequirements, ProfileService
+
+        fresh_after = utcnow() - timedelta(seconds=self.attestation_freshness)
+        return ProfileService(self.db).route_table(
             JobRequirements.parse(requirements), environment=environment, fresh_after=fresh_after
         )
 

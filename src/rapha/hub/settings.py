@@ -55,6 +55,10 @@ class HubSettings(Settings):
     max_attempts: int = Field(default=3, ge=1, le=100)
     #: How often the background loop funds, requeues, settles and releases refunds, seconds.
     loop_interval: float = Field(default=2.0, gt=0, le=600)
+    #: PEM files of the TPM vendors' EK root CAs a ``tpm2`` node's EK certificate must
+    #: chain to, and of their intermediates (no root: no ``tpm2`` node can enrol).
+    ek_ca_certificates: list[Path] = Field(default_factory=list)
+    ek_intermediates: list[Path] = Field(default_factory=list)
 
     @field_validator("api_key_pepper")
     @classmethod

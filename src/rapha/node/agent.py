@@ -27,7 +27,9 @@ inside the sandbox. A failure is reported to the hub as a code only (``admission
 unpinned_signer``, ``sandbox_failed: timeout``, ``guard_denied: …``); the hub then fails
 the job on chain so the payer can refund. The job's working directory (bundle, view, test
 labels, sandbox state) is deleted afterwards unless ``[hub] keep_views`` opts in to
-keeping the view. Everything is recorded in the node's audit log (``agent.*`` events).
+keeping the view, the node's evaluation (test labels and predictions) and a copy of the
+outbox under the state directory (``views/``, ``evaluations/``, ``outboxes/``). Everything
+is recorded in the node's audit log (``agent.*`` events).
 """
 
 from __future__ import annotations
@@ -596,11 +598,16 @@ class NodeAgent:
 
     def _cleanup(self, job_id: str, work: Path) -> None:
         kept = []
-        if self.link.keep_views and (work / "view").exists():
-            keep = self.settings.state_dir / "views" / job_id
-            keep.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            shutil.move(work / "view", keep)
-            kept.append("view")
+        if self.link.keep_views:
+            # The view, the node's evaluation (test labels, predictions) and a copy of what
+            # left: the hospital's own evidence, never sent anywhere.
+            for name, where in (("view", "views"), ("private", "evaluations"),
+                                ("outbox", "outboxes")):  # fmt: skip
+                if (work / name).exists():
+                    keep = self.settings.state_dir / where / job_id
+                    keep.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    shutil.move(work / name, keep)
+                    kept.append(name)
         removed = sorted(p.name for p in work.iterdir()) if work.exists() else []
         shutil.rmtree(work, ignore_errors=True)
         self.audit.append("agent.cleanup", {"job_id": job_id, "removed": removed, "kept": kept})

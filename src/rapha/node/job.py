@@ -13,7 +13,8 @@ one job", trust boundaries 2 and 3):
    val and test shuffled together under a fresh permutation, without labels or metadata,
    and writes one score row per image;
 4. **trusted evaluation** (:func:`rapha.runtime.evaluate`): the node picks thresholds on
-   val and computes metrics on test, with subgroup suppression; predictions stay here;
+   val and computes metrics on test, with subgroup suppression; predictions stay here
+   (``PRIVATE_DIR/predictions.npy``, beside the held-out test labels);
 5. **output guard** (:func:`rapha.runtime.guard_outputs`), after both sandboxes' process
    trees are gone: structure, weights, DICOM, egress scan, size, output policy (Rego).
    Only on allow does the outbox hold the re-encoded files and the node's ``metrics.json``.
@@ -56,6 +57,7 @@ from rapha.runtime.sandbox import Bind, Sandbox, SandboxLimits, SandboxResult, W
 
 __all__ = [
     "METRICS_FILE",
+    "PREDICTIONS_FILE",
     "JobError",
     "JobOutcome",
     "JobRules",
@@ -65,6 +67,8 @@ __all__ = [
 ]
 
 METRICS_FILE: Final = "metrics.json"
+#: The node's copy of the scores in the private dir: val rows, then test rows, view order.
+PREDICTIONS_FILE: Final = "predictions.npy"
 _MAX_CURVE: Final = 1000
 _DP_FIX: Final = (
     "DP-SGD cannot train this model as it is (BatchNorm and some other layers mix "
@@ -584,6 +588,9 @@ def _metrics(
     labels = manifest.labels
     unshuffled = np.empty_like(scores)
     unshuffled[order] = scores
+    # The node's own copy of the scores (hospital only, like the test labels beside it):
+    # rows are the val records, then the test records, in the view's order.
+    np.save(private_dir / PREDICTIONS_FILE, unshuffled, allow_pickle=False)
     n_val = counts["val"]
     val = RaphaDataset(
         view / "val",

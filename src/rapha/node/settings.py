@@ -402,7 +402,9 @@ class HubLinkSettings(Settings):
     approvals: bool = False
     #: Jobs run side by side (each gets its own sandbox uid).
     concurrency: int = Field(default=1, ge=1, le=16)
-    #: Keep each job's view after the job (an explicit opt-in; off deletes it).
+    #: Keep each job's view, the node's evaluation (test labels, predictions) and a copy of
+    #: its outbox under the state directory after the job (an explicit opt-in; off deletes
+    #: them).
     keep_views: bool = False
 
     @field_validator("url")
