@@ -314,10 +314,13 @@ def _training(points: Sequence[TrainingPoint] | None) -> str:
     if not with_loss:
         return _na("the training run reported no loss")
     by_step = all(p.step is not None for p in with_loss)
+    by_epoch = not by_step and all(p.epoch is not None for p in with_loss)
     xs = [
-        float(p.step) if by_step and p.step is not None else float(i)
+        float(p.step) if by_step and p.step is not None
+        else float(p.epoch) if by_epoch and p.epoch is not None
+        else float(i)
         for i, p in enumerate(with_loss)
-    ]
+    ]  # fmt: skip
     ys = [p.loss for p in with_loss if p.loss is not None]
     verticals = [
         (x, f"epoch {p.epoch}")
@@ -327,11 +330,16 @@ def _training(points: Sequence[TrainingPoint] | None) -> str:
     stride = max(1, -(-len(verticals) // _MAX_VERTICALS))
     last = with_loss[-1]
     total = f" ({last.epochs} epochs, {last.steps} steps)" if last.epochs and last.steps else ""
+    if by_epoch:
+        total = f" (last loss of each epoch, {last.epochs} epochs)" if last.epochs else ""
+        verticals = []
     return line_chart(
         chart_id="chart-training",
         kind="training",
         title=f"Training loss as the run reported it{total}",
-        x=nice_axis("step" if by_step else "progress event", min(xs), max(xs)),
+        x=nice_axis(
+            "step" if by_step else "epoch" if by_epoch else "progress event", min(xs), max(xs)
+        ),
         y=nice_axis("loss", min(ys), max(ys)),
         series=[
             Series(

@@ -155,6 +155,8 @@ class _Heartbeat:
         self.client, self.job_id, self.token, self.audit = client, job_id, token, audit
         self.interval = interval
         self.progress: dict[str, Any] = {"phase": "bundle"}
+        #: The bundle's declared epochs, once known (0: no training).
+        self.epochs = 0
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
@@ -169,8 +171,11 @@ class _Heartbeat:
         self.beat()
 
     def event(self, event: ProgressEvent) -> None:
-        self.progress = {"phase": "train", "epoch": event.epoch, "epochs": event.epochs,
-                         "step": event.step, "steps": event.steps}  # fmt: skip
+        """Only the epoch counter reaches the hub, clamped to the bundle's declared epochs:
+        step counters and losses are the sandbox's numbers and stay with the hospital."""
+        if self.epochs and event.epoch is not None:
+            self.progress = {"phase": "train", "epoch": min(max(event.epoch, 0), self.epochs),
+                             "epochs": self.epochs}  # fmt: skip
 
     def check(self) -> None:
         if self.lost:
@@ -386,6 +391,8 @@ class NodeAgent:
             })  # fmt: skip
             self.say(f"job {job_id} from {details['company']} ({details['kind']})")
             verified, pinned = self._bundle(job_id, token, details, work)
+            train = verified.manifest.train
+            beat.epochs = train.epochs if train is not None else 0
             beat.phase("admission")
             rules = JobRules.from_settings(self.settings.policy)
             facts = self._facts(details)

@@ -69,7 +69,6 @@ __all__ = [
 METRICS_FILE: Final = "metrics.json"
 #: The node's copy of the scores in the private dir: val rows, then test rows, view order.
 PREDICTIONS_FILE: Final = "predictions.npy"
-_MAX_CURVE: Final = 1000
 _DP_FIX: Final = (
     "DP-SGD cannot train this model as it is (BatchNorm and some other layers mix "
     "samples within a batch). Fix it on your side, then export new weights and sign again: "
@@ -236,11 +235,16 @@ def run_job(
         "signer": {"fingerprint": bundle.signer_fingerprint, "pinned": signer_pinned},
     })  # fmt: skip
     sandbox.ensure_available()
-    curve: list[dict[str, float | int]] = []
+    declared = manifest.train.epochs if manifest.train is not None else 0
+    per_epoch: dict[int, dict[str, float | int]] = {}
 
     def record_event(event: ProgressEvent) -> None:
-        if len(curve) < _MAX_CURVE:
-            curve.append(event.to_json())
+        # What leaves with the metrics is the node's summary of the curve: the last loss of
+        # each declared epoch, nothing else the sandbox chose (no step counters), so model
+        # code can say at most one number per epoch this way.
+        if event.epoch is not None and event.loss is not None and 1 <= event.epoch <= declared:
+            per_epoch[event.epoch] = {"epoch": event.epoch, "epochs": declared,
+                                      "loss": event.loss}  # fmt: skip
         if on_event is not None:
             on_event(event)
 
@@ -328,6 +332,7 @@ def run_job(
         metrics = _metrics(view, private_dir, manifest, scores, order, counts, rules)
         metrics["job"] = {"job_id": job_id, "kind": kind, "bundle_digest": bundle.digest}
         metrics["records"] = {**counts, "billed": records}
+        curve = [per_epoch[epoch] for epoch in sorted(per_epoch)]
         metrics["training"] = {"progress": curve} if kind == "train" else None
         metrics["dp"] = dp.to_json() if dp is not None else None
         audit.append(
