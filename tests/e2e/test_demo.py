@@ -189,8 +189,10 @@ def test_no_identifier_or_pseudonym_leaks_anywhere_outside_the_hospitals(demo: D
     logs = demo.chain.w3.eth.get_logs({"fromBlock": 0, "toBlock": "latest"})
     chain_logs.write_bytes(b"".join(bytes(log["data"]) + b"".join(bytes(t) for t in log["topics"])
                                     for log in logs))  # fmt: skip
+    # St Luke's ran no job, so it has no outbox; anything it had would be scanned.
+    outboxes = [demo.nodes[h.slug].root / "state" / "outboxes" for h in HOSPITALS]
     places = [
-        *[demo.nodes[h.slug].root / "state" / "outboxes" for h in HOSPITALS],
+        *[p for p in outboxes if p.exists() or p.parent.parent.name == "st-mary"],
         demo.path("company", "result"),
         demo.path("company", "progress.jsonl"),
         demo.path("hub"),  # the database and the artifact store

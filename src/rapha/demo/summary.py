@@ -32,7 +32,7 @@ ROUTE_REASONS: Mapping[str, str] = {
     "fresh": "no fresh attestation",
     "cohort": "holds {modality} {body_part}; the job needs {need_modality} {need_body_part}",
     "records": "{records} records; the job needs at least {min_records}",
-    "price": "asks {price} per record; the job pays at most {max_price}",
+    "price": "asks {price} USDC per record; the job pays at most {max_price} USDC",
     "label": "fewer than {min_positives} published positives of {label}",
 }
 
@@ -42,8 +42,7 @@ def route_reason(fit: Mapping[str, Any], requirements: Mapping[str, Any]) -> str
     failed = fit.get("failed")
     if failed is None:
         return (
-            f"eligible: {fit['modality']} {fit['body_part']}, {fit['records']} records, "
-            f"{fit['price_per_record']} per record, every required label published"
+            "eligible: the cohort, enough records, the price and every required label's positives"
         )
     stage, _, label = str(failed).partition(":")
     need: Mapping[str, Any] = next(
@@ -56,11 +55,15 @@ def route_reason(fit: Mapping[str, Any], requirements: Mapping[str, Any]) -> str
         need_body_part=requirements["body_part"],
         records=fit["records"],
         min_records=requirements["min_records"],
-        price=fit["price_per_record"],
-        max_price=requirements.get("max_price_per_record"),
+        price=_usdc(fit["price_per_record"]),
+        max_price=_usdc(requirements.get("max_price_per_record")),
         min_positives=need.get("min_positives", 0),
         label=label,
     )
+
+
+def _usdc(units: int | None) -> str:
+    return "any" if units is None else f"{units / 10**6:g}"
 
 
 def collect(demo: Demo, job: Mapping[str, Any], result: Path) -> dict[str, Any]:
