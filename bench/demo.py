@@ -43,7 +43,7 @@ def _run(argv: list[str], log: Path) -> float:
 
 
 def main() -> None:
-    from rapha.demo.flow import BUNDLE_SIZE, DEFAULT_STUDIES
+    from rapha.demo.flow import BUNDLE_SIZE, DEFAULT_STUDIES, HOSPITALS
 
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         root = Path(tmp)
@@ -59,7 +59,8 @@ def main() -> None:
     label = summary["metrics"]["labels"].get("effusion", {})
     print("## `rapha demo` wall time\n")
     print(
-        f"`rapha demo` with its defaults: two hospitals of {DEFAULT_STUDIES:,} studies each, "
+        f"`rapha demo` with its defaults: two hospitals of {HOSPITALS[0].studies(DEFAULT_STUDIES):,}"
+        f" and {HOSPITALS[1].studies(DEFAULT_STUDIES):,} studies, "
         f"the embedded chain, the hub, two node agents ({summary['hospitals'][1]['source']} "
         f"for the second), a {BUNDLE_SIZE} px small CNN trained on "
         f"{summary['records']['train']:,} records. Target: at most {TARGET_S / 60:.0f} "

@@ -1,7 +1,7 @@
 """``rapha demo`` end to end (issue 8): real numbers, nothing leaked, nothing left running.
 
-One demo per module at 120 studies per hospital, run through the same :class:`Demo` the
-command runs and kept open until the module ends, so the tests can read its live chain.
+One ``rapha demo --studies 120`` per module, through the CLI, its parts kept open until the
+module ends (the clean-up is deferred), so the tests can read its live chain.
 Every figure of the summary and the report is checked against its source: the metrics
 against the node's own predictions and labels, the balances and the receipt hash
 against the chain. A byte scan then looks for every identifier planted in either
@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from rapha import crypto
 from rapha.cli import app
 from rapha.cli._demo_ui import render_summary
-from rapha.demo.flow import BUDGET, HOSPITALS, Demo, DemoOptions
+from rapha.demo.flow import BUDGET, HOSPITALS, Demo
 from rapha.privacy.egress import find_leaks
 from rapha.privacy.pseudonym import Domain, Pseudonymizer
 from rapha.runtime.evaluate import evaluate
@@ -43,15 +43,31 @@ STUDIES = 120
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Demo, str]]:
+    """``rapha demo --studies 120`` through the CLI; its parts are kept running (their
+    clean-up deferred to the module's end) so the tests can read the live chain."""
     try:
         Sandbox().ensure_available()
     except Exception as exc:
         pytest.skip(f"no usable sandbox here: {exc}")
     workdir = tmp_path_factory.mktemp("demo") / "run"
-    with Demo(DemoOptions(workdir=workdir, studies=STUDIES, seed=3)) as run:
-        run.run()
-        yield run
+    kept: list[Demo] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Demo, "__exit__", lambda self, *exc: kept.append(self))
+        result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), "--studies",
+                                          str(STUDIES), "--seed", "3"])  # fmt: skip
+    try:
+        assert result.exit_code == 0, result.output
+        assert len(kept) == 1
+        yield kept[0], result.output
+    finally:
+        for run in kept:
+            run.close()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run: tuple[Demo, str]) -> Demo:
+    return demo_run[0]
 
 
 def _winner(demo: Demo) -> Path:
@@ -211,12 +227,15 @@ def test_no_identifier_or_pseudonym_leaks_anywhere_outside_the_hospitals(demo: D
 
 
 def test_the_summary_prints_the_route_metrics_suppression_guard_receipt_and_balances(
-    demo: Demo,
+    demo_run: tuple[Demo, str],
 ) -> None:
+    demo, printed = demo_run
     console = Console(record=True, width=200)
     render_summary(demo.summary, console)
     text = console.export_text()
 
+    assert "Rapha demo: the summary" in printed
+    assert demo.summary["receipt"]["hash"] in printed.replace("\n", "")
     for expected in ("St Mary's", "holds CR CHEST", "effusion",
                      "suppressed", "allowed", "weights.safetensors", "metrics.json",
                      demo.summary["chain"]["tx_hash"], demo.summary["receipt"]["hash"],
