@@ -57,10 +57,10 @@ def main() -> None:
             root / "dry-run.log",
         )  # fmt: skip
     label = summary["metrics"]["labels"].get("effusion", {})
+    sizes = [h.studies(DEFAULT_STUDIES) for h in HOSPITALS]
     print("## `rapha demo` wall time\n")
     print(
-        f"`rapha demo` with its defaults: two hospitals of {HOSPITALS[0].studies(DEFAULT_STUDIES):,}"
-        f" and {HOSPITALS[1].studies(DEFAULT_STUDIES):,} studies, "
+        f"`rapha demo` with its defaults: two hospitals of {sizes[0]:,} and {sizes[1]:,} studies, "
         f"the embedded chain, the hub, two node agents ({summary['hospitals'][1]['source']} "
         f"for the second), a {BUNDLE_SIZE} px small CNN trained on "
         f"{summary['records']['train']:,} records. Target: at most {TARGET_S / 60:.0f} "
