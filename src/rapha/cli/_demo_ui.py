@@ -83,8 +83,8 @@ class RichUI:
             self.bar.console.print(f"[yellow]note:[/] {escape(text)}", highlight=False)
 
 
-def _usdc(units: int | None) -> str:
-    return "—" if units is None else f"{units / _USDC:,.6f}"
+def _usdc(units: int | None, digits: int = 6) -> str:
+    return "—" if units is None else f"{units / _USDC:,.{digits}f}"
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -263,8 +263,8 @@ def _receipt_and_chain(summary: Mapping[str, Any], console: Console) -> None:
     for b in summary["balances"]:
         table.add_row(
             escape(b["who"]),
-            _usdc(b["before"]["wallet"]),
-            _usdc(b["after"]["wallet"]),
+            _usdc(b["before"]["wallet"], 2),
+            _usdc(b["after"]["wallet"], 2),
             _usdc(b["before"]["vault_credit"]),
             _usdc(b["after"]["vault_credit"]),
         )
