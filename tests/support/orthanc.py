@@ -30,6 +30,8 @@ from types import TracebackType
 import pytest
 import requests
 
+from rapha.demo.processes import upload_to_orthanc
+
 __all__ = [
     "ORTHANC_BINARY",
     "OrthancServer",
@@ -221,21 +223,15 @@ def start_orthanc(
 
 
 def upload_folder(server: OrthancServer, root: Path) -> int:
-    """Store every file under ``root`` (sorted by path) through ``POST /instances``.
-
-    Files Orthanc refuses (not DICOM, corrupt) are skipped. Returns how many files were
-    stored as new instances; a second copy of an instance already stored does not count,
-    and Orthanc keeps the first copy (``OverwriteInstances`` is false by default), so the
-    stored copy is the one with the smallest path, as the folder source picks it.
-    """
-    stored = 0
-    with server.session() as http:
-        files = [p for p in Path(root).rglob("*") if p.is_file()]
-        for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-            response = http.post(f"{server.url}/instances", data=path.read_bytes(), timeout=60)
-            if response.status_code == 200 and response.json().get("Status") == "Success":
-                stored += 1
-    return stored
+    """Store every file under ``root`` through ``POST /instances``, with the server's
+    credentials (:func:`rapha.demo.processes.upload_to_orthanc`); returns how many."""
+    tls = server.tls
+    auth = (server.username, server.password) if server.username and server.password else None
+    cert = None
+    if tls is not None and tls.admin_cert is not None and tls.admin_key is not None:
+        cert = (str(tls.admin_cert), str(tls.admin_key))
+    verify = str(tls.ca) if tls is not None else True
+    return upload_to_orthanc(server.url, Path(root), auth=auth, verify=verify, cert=cert)
 
 
 @contextmanager

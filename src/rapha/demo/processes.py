@@ -187,11 +187,26 @@ def start_orthanc(workdir: Path, *, log: Path, timeout: float = 30.0) -> tuple[C
         time.sleep(0.1)
 
 
-def upload_to_orthanc(url: str, root: Path) -> int:
-    """Store every readable DICOM file under ``root`` in Orthanc; returns how many."""
+def upload_to_orthanc(
+    url: str,
+    root: Path,
+    *,
+    auth: tuple[str, str] | None = None,
+    verify: str | bool = True,
+    cert: tuple[str, str] | None = None,
+) -> int:
+    """Store every file under ``root`` in Orthanc (``POST /instances``), sorted by path.
+
+    Files Orthanc refuses (not DICOM, corrupt) are skipped. Returns how many files were
+    stored as new instances; a second copy of an instance already stored does not count,
+    and Orthanc keeps the first copy (``OverwriteInstances`` is false by default), so the
+    stored copy is the one with the smallest path, as the folder source picks it.
+    """
     stored = 0
-    with httpx.Client(base_url=url, timeout=60) as http:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = sorted((p for p in root.rglob("*") if p.is_file()),
+                   key=lambda p: p.relative_to(root).as_posix())  # fmt: skip
+    with httpx.Client(base_url=url, timeout=60, auth=auth, verify=verify, cert=cert) as http:
+        for path in files:
             response = http.post("/instances", content=path.read_bytes())
             if response.status_code == 200 and response.json().get("Status") == "Success":
                 stored += 1
