@@ -30,7 +30,7 @@ from types import TracebackType
 import pytest
 import requests
 
-from rapha.demo.processes import upload_to_orthanc
+from rapha.demo.processes import orthanc_config, orthanc_plugin, upload_to_orthanc
 
 __all__ = [
     "ORTHANC_BINARY",
@@ -44,17 +44,12 @@ __all__ = [
 ]
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
-_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 _START_TIMEOUT_S = 30.0
 
 
 def dicomweb_plugin() -> Path | None:
     """The DICOMweb plugin shared object of the Debian package, or ``None``."""
-    for folder in _PLUGIN_DIRS:
-        if folder.is_dir():
-            for candidate in sorted(folder.glob("libOrthancDicomWeb.so*")):
-                return candidate
-    return None
+    return orthanc_plugin()
 
 
 def free_port() -> int:
@@ -170,19 +165,8 @@ def start_orthanc(
     workdir = Path(tmpdir)
     (workdir / "storage").mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config: dict[str, object] = {
-        "Name": "rapha-test",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "storage"),
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": username is not None,
-        "HttpsVerifyPeers": True,
-        "SaveJobs": False,
-        "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
-    }
+    config = orthanc_config(workdir, port=port, plugin=plugin, name="rapha-test")
+    config.update({"AuthenticationEnabled": username is not None, "HttpsVerifyPeers": True})
     if username is not None:
         if password is None:
             raise ValueError("a username needs a password")

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -30,6 +30,7 @@ __all__ = [
     "Child",
     "free_port",
     "free_port_pair",
+    "orthanc_config",
     "orthanc_plugin",
     "start_orthanc",
     "upload_to_orthanc",
@@ -139,6 +140,23 @@ def orthanc_plugin() -> Path | None:
     return None
 
 
+def orthanc_config(workdir: Path, *, port: int, plugin: Path, name: str) -> dict[str, Any]:
+    """An Orthanc configuration storing under ``workdir``: HTTP on ``127.0.0.1:port`` only
+    (no DICOM listener, no remote access, no authentication), DICOMweb at ``/dicom-web/``."""
+    return {
+        "Name": name,
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "storage"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "SaveJobs": False,
+        "Plugins": [str(plugin)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+    }
+
+
 def start_orthanc(workdir: Path, *, log: Path, timeout: float = 30.0) -> tuple[Child, str]:
     """Orthanc with DICOMweb on a free loopback port, storing under ``workdir``.
 
@@ -154,18 +172,7 @@ def start_orthanc(workdir: Path, *, log: Path, timeout: float = 30.0) -> tuple[C
         )
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = {
-        "Name": "rapha-demo",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "storage"),
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "SaveJobs": False,
-        "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
-    }
+    config = orthanc_config(workdir, port=port, plugin=plugin, name="rapha-demo")
     path = workdir / "orthanc.json"
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     child = Child(
